@@ -1,0 +1,58 @@
+"""Command line: `vae-hf train` (also `train_autoencoder.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vae_hf.config import ConfigError, load_config
+from vae_hf.data import DataError
+from vae_hf.hub import OfflineError
+from vae_hf.model import ModelLoadError
+
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, OfflineError)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML recipe (default: configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. train.max_steps=20 model.block_out_channels=[32,64]")
+
+
+def run_train(config_path: str | None, overrides: list[str]) -> int:
+    """Parse and check the whole config before building anything, then train."""
+    config = load_config(config_path, overrides)
+    from vae_hf.trainer import Trainer  # heavy imports only once the config is known to be good
+
+    Trainer(config).train()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vae-hf", description="Train and use Stable-Diffusion-style VAEs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_train_arguments(commands.add_parser("train", help="train a VAE (same as train_autoencoder.py)"))
+    args = parser.parse_args(argv)
+    return guarded(lambda: run_train(args.config, args.overrides))
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of `train_autoencoder.py`."""
+    parser = argparse.ArgumentParser(prog="train_autoencoder.py", description="Train a Stable-Diffusion-style VAE.")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    return guarded(lambda: run_train(args.config, args.overrides))
+
+
+def guarded(command) -> int:
+    """Bad input ends with one readable line on stderr and exit status 2, not a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return command()
+    except USER_ERRORS as error:
+        print(f"vae-hf: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vae-hf: interrupted", file=sys.stderr)
+        return 130

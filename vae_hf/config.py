@@ -1,0 +1,329 @@
+"""Typed training configuration.
+
+Defaults live in the dataclasses below; a YAML file overrides some of them and dotted command-line
+items (``train.max_steps=20``) override the YAML. OmegaConf's structured configs reject unknown keys
+and wrong types; each dataclass's ``__post_init__`` rejects impossible values. Every refusal is raised
+as :class:`ConfigError` with a one-line message naming the key, before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be trained; the message is one line naming the key."""
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = None
+    """null (train from scratch), a Hub model id, a local diffusers folder or a single-file .safetensors."""
+    subfolder: Optional[str] = None
+    """Subfolder of `pretrained` holding the VAE (e.g. `vae` for a whole Stable Diffusion repo)."""
+    block_out_channels: List[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    """Channel width of each resolution level; n levels downsample by 2**(n-1) (SD: f8)."""
+    layers_per_block: int = 2
+    """ResNet blocks per resolution level (SD: 2)."""
+    latent_channels: int = 4
+    """Channels of the latent grid (SD: 4)."""
+    norm_num_groups: int = 32
+    """GroupNorm groups; every block width must be divisible by it."""
+    train_decoder_only: bool = False
+    """Freeze encoder and quant_conv so existing latents stay valid (SD ft-MSE/ft-EMA style)."""
+    sample_posterior: bool = True
+    """Decode a sample of the posterior (reparameterisation, LDM); false decodes its mean."""
+
+    def __post_init__(self) -> None:
+        _require(len(self.block_out_channels) >= 1, "model.block_out_channels", "needs at least one level")
+        for width in self.block_out_channels:
+            _require(width > 0, "model.block_out_channels", f"widths must be positive, got {width}")
+        _require(self.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
+        _require(self.latent_channels >= 1, "model.latent_channels", "must be >= 1")
+        _require(self.norm_num_groups >= 1, "model.norm_num_groups", "must be >= 1")
+        if self.pretrained is None:
+            for width in self.block_out_channels:
+                _require(
+                    width % self.norm_num_groups == 0,
+                    "model.block_out_channels",
+                    f"width {width} is not divisible by model.norm_num_groups={self.norm_num_groups}",
+                )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "assets/demo_images"
+    """A Hub dataset id or a local folder of images (read with the `imagefolder` builder)."""
+    split: str = "train"
+    """Dataset split to train on."""
+    image_column: str = "image"
+    """Column holding the images."""
+    streaming: bool = False
+    """Stream a Hub dataset instead of downloading it first (needs train.max_steps)."""
+    resolution: int = 256
+    """Side of the square training crops, in pixels."""
+    center_crop: bool = True
+    """Crop the centre after resizing the short side; false crops at random."""
+    random_flip: bool = True
+    """Flip horizontally with probability 0.5."""
+    num_workers: int = 2
+    """DataLoader worker processes (0 loads in the main process)."""
+    shuffle_buffer_size: int = 1000
+    """Shuffle buffer of a streaming dataset."""
+    reference_images: List[str] = field(default_factory=list)
+    """Image files used for the sample PNGs; empty takes `reference_indices` of `reference_split`."""
+    reference_split: Optional[str] = None
+    """Split the reference images come from (null: the training split)."""
+    reference_indices: List[int] = field(default_factory=lambda: [0])
+    """Indices of the reference images in `reference_split` (the seed tracks image 13)."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.dataset), "data.dataset", "must name a Hub dataset id or a local folder")
+        _require(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
+        _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size", "must be >= 1")
+        for index in self.reference_indices:
+            _require(index >= 0, "data.reference_indices", f"indices must be >= 0, got {index}")
+        _require(
+            bool(self.reference_images) or bool(self.reference_indices),
+            "data.reference_indices",
+            "give at least one reference image (or data.reference_images)",
+        )
+
+
+@dataclass
+class LossConfig:
+    reconstruction: str = "l2"
+    """Pixel loss: l2 (MSE, the seed) or l1 (LDM)."""
+    reconstruction_weight: float = 1.0
+    """Weight of the pixel loss."""
+    kl_weight: float = 5e-6
+    """Weight of the KL term (seed 5e-6; LDM 1e-6)."""
+    kl_reduction: str = "mean"
+    """mean: mean over all latent elements (the seed); sum: summed per sample, batch mean (LDM)."""
+    perceptual_weight: float = 1.0
+    """Weight of LPIPS (0 switches it off)."""
+    perceptual_pretrained: bool = True
+    """Pretrained VGG trunk for LPIPS; false: random trunk, no download (offline tests only)."""
+    disc_weight: float = 0.5
+    """Weight of the generator's adversarial term."""
+    disc_loss_weight: float = 0.5
+    """Scale of the discriminator's own loss (the seed multiplies it by disc_weight, 0.5)."""
+    disc_start_step: int = 3750
+    """Optimizer step at which the discriminator starts (seed: 15000 micro-batches / 4 = 3750)."""
+    disc_loss: str = "lsgan"
+    """Adversarial loss: lsgan (the seed), hinge (LDM) or vanilla (non-saturating BCE)."""
+    adaptive_disc_weight: bool = False
+    """Scale the adversarial term by ||grad rec|| / ||grad adv|| on the decoder's last layer (LDM)."""
+    adaptive_weight_max: float = 1e4
+    """Clamp of the adaptive weight (LDM: 1e4)."""
+    disc_channels: int = 64
+    """Width of the discriminator's first layer."""
+    disc_num_layers: int = 3
+    """Strided layers of the PatchGAN discriminator."""
+    disc_norm: str = "batch"
+    """Normalisation in the discriminator: batch or none."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.reconstruction, "loss.reconstruction", ("l2", "l1"))
+        _require_choice(self.kl_reduction, "loss.kl_reduction", ("mean", "sum"))
+        _require_choice(self.disc_loss, "loss.disc_loss", ("lsgan", "hinge", "vanilla"))
+        _require_choice(self.disc_norm, "loss.disc_norm", ("batch", "none"))
+        for key in ("reconstruction_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_loss_weight"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and value >= 0, f"loss.{key}", f"must be finite and >= 0, got {value}")
+        _require(self.disc_start_step >= 0, "loss.disc_start_step", "must be >= 0")
+        _require(self.adaptive_weight_max > 0, "loss.adaptive_weight_max", "must be > 0")
+        _require(self.disc_channels > 0, "loss.disc_channels", "must be > 0")
+        _require(self.disc_num_layers >= 1, "loss.disc_num_layers", "must be >= 1")
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.disc_weight > 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """VAE learning rate (the seed: 1e-5)."""
+    disc_lr: Optional[float] = None
+    """Discriminator learning rate (null: same as lr)."""
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
+    """Adam betas for both players (the seed: 0.5, 0.999)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW); 0 is plain Adam."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: Optional[float] = None
+    """Clip each player's gradient norm to this (null: no clipping)."""
+    lr_scheduler: str = "constant"
+    """constant, cosine or linear (decay to 0 at the last step), each after `warmup_steps`."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0."""
+
+    def __post_init__(self) -> None:
+        _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        if self.disc_lr is not None:
+            _require(math.isfinite(self.disc_lr) and self.disc_lr > 0, "optim.disc_lr", f"must be > 0, got {self.disc_lr}")
+        _require(len(self.betas) == 2, "optim.betas", f"needs two values, got {list(self.betas)}")
+        for beta in self.betas:
+            _require(0 <= beta < 1, "optim.betas", f"each beta must be in [0, 1), got {beta}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(self.eps > 0, "optim.eps", "must be > 0")
+        if self.max_grad_norm is not None:
+            _require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 (or null)")
+        _require_choice(self.lr_scheduler, "optim.lr_scheduler", ("constant", "cosine", "linear"))
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    """Images per process per micro-batch."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer step."""
+    num_epochs: int = 20
+    """Passes over the data (ignored when max_steps is set)."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to train; wins over num_epochs when set."""
+    mixed_precision: str = "no"
+    """no, fp16 (autocast + grad scaler) or bf16 (autocast); weights stay fp32."""
+    sample_every_steps: int = 500
+    """Write an original | reconstruction PNG every this many steps (and at step 1)."""
+    log_every_steps: int = 10
+    """Log the loss breakdown every this many steps (host syncs happen only then)."""
+    checkpoint_every_steps: Optional[int] = None
+    """Save the full training state every this many steps (null: only at epoch ends)."""
+    checkpoints_total_limit: Optional[int] = None
+    """Keep at most this many checkpoints (null: keep all)."""
+    resume_from: Optional[str] = None
+    """null, latest, or a checkpoint folder."""
+    ema_decay: Optional[float] = None
+    """Decay of an EMA of the VAE weights (null: no EMA)."""
+    report_to: str = "tensorboard"
+    """Tracker: tensorboard, wandb, all, or none."""
+    tracker_project: str = "vae-hf"
+    """Project name given to the trackers."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+        _require(self.num_epochs >= 1, "train.num_epochs", "must be >= 1")
+        if self.max_steps is not None:
+            _require(self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null)")
+        _require_choice(self.mixed_precision, "train.mixed_precision", ("no", "fp16", "bf16"))
+        _require(self.sample_every_steps >= 1, "train.sample_every_steps", "must be >= 1")
+        _require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+        if self.checkpoint_every_steps is not None:
+            _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1 (or null)")
+        if self.checkpoints_total_limit is not None:
+            _require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1 (or null)")
+        if self.ema_decay is not None:
+            _require(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (or null)")
+        _require_choice(self.report_to, "train.report_to", ("tensorboard", "wandb", "all", "none"))
+
+
+@dataclass
+class Config:
+    seed: int = 1111
+    """Seed of every random generator (the seed recipe: 1111)."""
+    output_dir: str = "outputs/run"
+    """Folder for config.yaml, samples/, checkpoints/, vae/ and logs/."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "output_dir", "must not be empty")
+        if self.model.pretrained is None:
+            factor = self.model.downsample_factor
+            _require(
+                self.data.resolution % factor == 0,
+                "data.resolution",
+                f"{self.data.resolution} is not divisible by the VAE's downsampling factor {factor}",
+            )
+        if self.data.streaming:
+            _require(self.train.max_steps is not None, "train.max_steps", "must be set when data.streaming=true")
+        _require(
+            self.train.ema_decay is None,
+            "train.ema_decay",
+            "EMA is not available yet in this version; set train.ema_decay=null",
+        )
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file (the demo recipe when None), then dotted overrides."""
+    path = Path(path) if path is not None else DEMO_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        schema = OmegaConf.structured(Config)
+        from_file = OmegaConf.load(path)
+        from_cli = OmegaConf.from_dotlist(list(overrides or []))
+        merged = OmegaConf.merge(schema, from_file, from_cli)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error)) from None
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(str(error).splitlines()[0]) from None
+    return config
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    """OmegaConf's messages span several lines; keep the reason and name the key."""
+    reason = str(error).splitlines()[0].strip()
+    key = getattr(error, "full_key", None)
+    cause = error.__cause__
+    if isinstance(cause, ConfigError):
+        return str(cause)
+    return f"{key}: {reason}" if key else reason
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return asdict(config)
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def flat_hparams(config: Config) -> dict[str, Any]:
+    """Scalars only, with dotted keys, as trackers such as TensorBoard want them."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                visit(f"{prefix}.{key}" if prefix else key, inner)
+        elif value is None or isinstance(value, (list, tuple)):
+            flat[prefix] = str(value)
+        else:
+            flat[prefix] = value
+
+    visit("", to_dict(config))
+    return flat

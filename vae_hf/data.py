@@ -1,0 +1,197 @@
+"""Images from a Hugging Face `datasets` source (a Hub dataset or a local folder) as [-1, 1] tensors.
+
+Images are decoded by our own code rather than by the `Image` feature, so that every file goes through
+one conversion to RGB (grayscale, palette, RGBA, CMYK, 16-bit, EXIF rotation) and a file that will not
+decode is skipped and counted instead of killing the run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets import Image as ImageFeature
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+
+from vae_hf.config import DataConfig
+from vae_hf.hub import require_hub
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be used; the message says why in one line."""
+
+
+def is_local(dataset: str) -> bool:
+    return Path(dataset).expanduser().is_dir()
+
+
+def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset | IterableDataset:
+    """The configured split with its image column left undecoded (paths or bytes)."""
+    split = split or config.split
+    if is_local(config.dataset):
+        dataset = _load(lambda: load_dataset("imagefolder", data_dir=str(Path(config.dataset).expanduser()),
+                                             split=split, streaming=config.streaming), config.dataset, split)
+    else:
+        if Path(config.dataset).expanduser().exists() or config.dataset.startswith((".", "/", "~")):
+            raise DataError(f"data.dataset: {config.dataset} is not a folder")
+        require_hub(f"data.dataset={config.dataset}",
+                    "Use a local image folder, or pre-download the dataset and set HF_DATASETS_OFFLINE=1.")
+        dataset = _load(lambda: load_dataset(config.dataset, split=split, streaming=config.streaming),
+                        config.dataset, split)
+    columns = dataset.column_names or list(dataset.features or {})
+    if config.image_column not in columns:
+        raise DataError(f"data.image_column: no column {config.image_column!r} in {config.dataset} "
+                        f"(columns: {', '.join(columns)})")
+    return dataset.cast_column(config.image_column, ImageFeature(decode=False))
+
+
+def _load(loader, name: str, split: str):
+    try:
+        return loader()
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise DataError(f"data.dataset: cannot load split {split!r} of {name}: {str(error).splitlines()[0]}") from None
+
+
+def decode_image(value: Any) -> Image.Image:
+    """An RGB PIL image from what `datasets` stores: a dict of bytes/path, a path, or a PIL image."""
+    if isinstance(value, dict):
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
+        image = Image.open(source)
+    elif isinstance(value, (str, Path)):
+        image = Image.open(value)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise TypeError(f"not an image: {type(value).__name__}")
+    image.load()
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB; transparency is composited on white, 16-bit is rescaled."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass
+class ImageTransform:
+    """Resize the short side to `resolution`, crop a square, maybe flip, scale to [-1, 1]."""
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        width, height = image.size
+        if self.center_crop:
+            image = TF.center_crop(image, [self.resolution, self.resolution])
+        else:  # torch's RNG, so crops follow the run's seed (DataLoader workers are seeded from it)
+            top = int(torch.randint(0, height - self.resolution + 1, ()))
+            left = int(torch.randint(0, width - self.resolution + 1, ()))
+            image = TF.crop(image, top, left, self.resolution, self.resolution)
+        pixels = TF.pil_to_tensor(image).float().div(127.5).sub(1.0)  # (3, R, R) in [-1, 1]
+        if self.random_flip and bool(torch.rand(()) < 0.5):
+            pixels = pixels.flip(-1)
+        return pixels
+
+
+@dataclass
+class ExampleProcessor:
+    """Turns a batch of dataset rows into tensors; rows that fail to decode become None."""
+
+    image_column: str
+    transform: ImageTransform
+
+    def __call__(self, examples: dict[str, list]) -> dict[str, list]:
+        return {"pixel_values": [self._one(value) for value in examples[self.image_column]]}
+
+    def _one(self, value: Any) -> torch.Tensor | None:
+        try:
+            return self.transform(decode_image(value))
+        except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as error:
+            logger.warning("skipping unreadable image %s: %s", _describe(value), str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("path") or "<bytes>")
+    return str(value)
+
+
+def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the decoded images and count the skipped ones."""
+    images = [row["pixel_values"] for row in rows if row["pixel_values"] is not None]
+    pixel_values = torch.stack(images) if images else torch.empty(0)
+    return {"pixel_values": pixel_values, "num_skipped": len(rows) - len(images)}
+
+
+def training_dataset(config: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> Dataset | IterableDataset:
+    """The training split, transformed lazily; streaming data is shuffled in a buffer and split by rank."""
+    dataset = load_image_dataset(config)
+    processor = ExampleProcessor(config.image_column, ImageTransform(config.resolution, config.center_crop, config.random_flip))
+    if isinstance(dataset, IterableDataset):
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer_size)
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        return dataset.map(processor, batched=True, remove_columns=dataset.column_names)
+    if len(dataset) == 0:
+        raise DataError(f"data.dataset: split {config.split!r} of {config.dataset} holds no images")
+    return dataset.with_transform(processor)
+
+
+def reference_images(config: DataConfig) -> torch.Tensor:
+    """The fixed images shown in every sample PNG, centre-cropped and unflipped: (N, 3, R, R)."""
+    transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
+    if config.reference_images:
+        values: list[Any] = [Path(p).expanduser() for p in config.reference_images]
+        for path in values:
+            if not path.is_file():
+                raise DataError(f"data.reference_images: no such file {path}")
+    else:
+        values = _rows_at(config, config.reference_indices)
+    try:
+        return torch.stack([transform(decode_image(value)) for value in values])
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise DataError(f"data.reference_images: a reference image cannot be read: {error}") from None
+
+
+def _rows_at(config: DataConfig, indices: list[int]) -> list[Any]:
+    split = config.reference_split or config.split
+    dataset = load_image_dataset(config, split)
+    if isinstance(dataset, IterableDataset):
+        rows = list(dataset.take(max(indices) + 1))
+        size = len(rows)
+    else:
+        size = len(dataset)
+        rows = None
+    for index in indices:
+        if index >= size:
+            raise DataError(f"data.reference_indices: index {index} is past the end of split {split!r} ({size} images)")
+    if rows is not None:
+        return [rows[i][config.image_column] for i in indices]
+    return [dataset[i][config.image_column] for i in indices]

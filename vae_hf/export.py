@@ -1,0 +1,28 @@
+"""Writing the trained VAE as a diffusers folder that Stable Diffusion pipelines load as `vae=`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from diffusers import AutoencoderKL
+
+
+def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
+    """Save config.json + diffusion_pytorch_model.safetensors into `folder`, replacing it safely.
+
+    The new weights are written to a temporary sibling first and renamed into place, so a crash
+    mid-write leaves the previous export intact instead of half a file.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    vae.save_pretrained(staging, safe_serialization=True)
+    if folder.exists():
+        os.replace(folder, retired)  # POSIX cannot swap two folders atomically: move, then replace
+    os.replace(staging, folder)
+    shutil.rmtree(retired, ignore_errors=True)
+    return folder

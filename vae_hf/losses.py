@@ -1,0 +1,83 @@
+"""Loss terms of the KL-VAE recipe, as small pure functions.
+
+The trainer composes them; each is unit-tested against its closed form. Discriminator logits are
+whatever the PatchGAN outputs (one score per patch); every adversarial loss averages over patches and
+the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Mean pixel loss: MSE (the seed's ``nn.MSELoss``) or L1 (LDM's ``|x - x_rec|``)."""
+    if kind == "l2":
+        return F.mse_loss(reconstructions.float(), images.float())
+    if kind == "l1":
+        return F.l1_loss(reconstructions.float(), images.float())
+    raise ValueError(f"unknown reconstruction loss {kind!r}")
+
+
+def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) = -0.5 * (1 + logvar - mean^2 - exp(logvar)) per element.
+
+    ``mean`` averages over every latent element (the seed's formula); ``sum`` sums over each sample's
+    latent elements and averages over the batch (LDM's ``DiagonalGaussianDistribution.kl``), which is
+    why LDM's KL weights (1e-6) are far smaller per element than the seed's (5e-6 of a mean).
+    """
+    mean, logvar = mean.float(), logvar.float()
+    per_element = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())
+    if reduction == "mean":
+        return per_element.mean()
+    if reduction == "sum":
+        return per_element.flatten(1).sum(dim=1).mean()
+    raise ValueError(f"unknown KL reduction {reduction!r}")
+
+
+def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The VAE's adversarial term: make the discriminator call reconstructions real."""
+    logits_fake = logits_fake.float()
+    if kind == "lsgan":  # least squares towards the "real" target 1 (Mao et al. 2017; the seed)
+        return F.mse_loss(logits_fake, torch.ones_like(logits_fake))
+    if kind == "hinge":  # LDM/taming: -E[D(x_rec)]
+        return -logits_fake.mean()
+    if kind == "vanilla":  # non-saturating GAN loss: -log sigmoid(D(x_rec))
+        return F.softplus(-logits_fake).mean()
+    raise ValueError(f"unknown adversarial loss {kind!r}")
+
+
+def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
+    """The discriminator's loss, the mean of its real and fake halves (the seed and LDM both halve)."""
+    logits_real, logits_fake = logits_real.float(), logits_fake.float()
+    if kind == "lsgan":
+        real = F.mse_loss(logits_real, torch.ones_like(logits_real))
+        fake = F.mse_loss(logits_fake, torch.zeros_like(logits_fake))
+    elif kind == "hinge":
+        real = F.relu(1.0 - logits_real).mean()
+        fake = F.relu(1.0 + logits_fake).mean()
+    elif kind == "vanilla":
+        real = F.softplus(-logits_real).mean()
+        fake = F.softplus(logits_fake).mean()
+    else:
+        raise ValueError(f"unknown adversarial loss {kind!r}")
+    return 0.5 * (real + fake)
+
+
+def adaptive_disc_weight(
+    nll_loss: torch.Tensor,
+    g_adv_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
+    """LDM's adaptive weight (Esser et al. 2021, eq. 7): ||grad nll|| / (||grad adv|| + 1e-4).
+
+    Both gradients are taken with respect to the decoder's last layer only, so the adversarial term
+    is scaled to pull on the decoder as hard as the reconstruction terms do. The weight is detached:
+    it scales the loss, it is not itself optimised.
+    """
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_adv_loss, last_layer, retain_graph=True)[0]
+    weight = nll_grads.float().norm() / (g_grads.float().norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()

@@ -1,0 +1,79 @@
+"""Optimizers, learning-rate schedules, gradient scaling and clipping for the two players.
+
+Each player (the VAE, the discriminator) owns its optimizer, schedule and, in fp16, its own
+GradScaler. One shared scaler, as Accelerate keeps, updates its scale after the first player's step
+and would then unscale the second player's gradients with a scale they were not computed with.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+from vae_hf.config import OptimConfig
+
+SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
+
+def build_optimizer(parameters: list[nn.Parameter], config: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """Adam (the seed), or AdamW when weight decay is asked for."""
+    betas = (float(config.betas[0]), float(config.betas[1]))
+    if config.weight_decay > 0:
+        return torch.optim.AdamW(parameters, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
+    return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=config.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
+    """Linear warm-up over `warmup_steps`, then constant, cosine or linear decay to the last step."""
+    return get_scheduler(SCHEDULES[config.lr_scheduler], optimizer,
+                         num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+
+
+@dataclass
+class Player:
+    """One side of the game: a prepared model with its optimizer, schedule and optional scaler."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None = None
+    max_grad_norm: float | None = None
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward(self, accelerator: Accelerator, loss: torch.Tensor) -> None:
+        """Accumulate this micro-batch's gradient (Accelerate divides by the accumulation steps)."""
+        accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
+
+    def step(self, accelerator: Accelerator) -> torch.Tensor | None:
+        """Unscale, clip, update, and clear; returns the pre-clip gradient norm when clipping."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/nan
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def advance_schedule(self) -> None:
+        """One scheduler step per optimizer step of the run, whether or not this player updated."""
+        with warnings.catch_warnings():
+            # the discriminator's schedule advances before it first steps (it starts late)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
+            self.scheduler.step()

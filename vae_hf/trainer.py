@@ -1,0 +1,337 @@
+"""The training loop: a VAE and a PatchGAN discriminator on Accelerate, with the four-loss recipe.
+
+`Trainer.train()` reads as an outline: for each micro-batch, one generator update and (once the
+discriminator is on) one discriminator update inside `accelerator.accumulate`; after each optimizer
+step, maybe log, maybe write a sample; at the end of each epoch and of the run, export the VAE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from vae_hf import data as vae_data
+from vae_hf.config import Config, flat_hparams, to_yaml
+from vae_hf.discriminator import PatchDiscriminator
+from vae_hf.export import save_vae
+from vae_hf.losses import (
+    adaptive_disc_weight,
+    discriminator_loss,
+    generator_adversarial_loss,
+    kl_loss,
+    reconstruction_loss,
+)
+from vae_hf.model import VAETrainingModule, build_vae, decoder_last_layer
+from vae_hf.optimization import Player, build_optimizer, build_scheduler
+from vae_hf.perceptual import build_lpips, perceptual_loss, require_vgg_weights
+from vae_hf.samples import save_sample
+
+logger = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Use a module as a fixed function: gradient reaches its input, none reaches its parameters."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for parameter, flag in zip(module.parameters(), flags):
+            parameter.requires_grad_(flag)
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
+            require_vgg_weights()  # fail in a second, not after the data and models are built
+        self.accelerator = self._build_accelerator()
+        set_seed(config.seed)
+        self.global_step = 0
+        self.epoch = 0
+        self.images_skipped = 0
+        self._build_data()
+        self._build_models()
+        self._log_start()
+
+    # ----------------------------------------------------------------------------------------------
+    # construction
+
+    def _build_accelerator(self) -> Accelerator:
+        config = self.config
+        report_to = {"none": None, "all": "all"}.get(config.train.report_to, config.train.report_to)
+        # Precision is ours (autocast + one GradScaler per player), so Accelerate runs in "no" mode.
+        return Accelerator(
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+            mixed_precision="no",
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+
+    def _build_data(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        dataset = vae_data.training_dataset(config.data, config.seed, accelerator.process_index, accelerator.num_processes)
+        self.streaming = not hasattr(dataset, "__len__")
+        workers = config.data.num_workers
+        loader = DataLoader(
+            dataset,
+            batch_size=config.train.batch_size,
+            shuffle=not self.streaming,
+            num_workers=workers,
+            collate_fn=vae_data.collate,
+            drop_last=not self.streaming,
+            pin_memory=accelerator.device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
+        if not self.streaming and len(loader) == 0:
+            raise vae_data.DataError(
+                f"data.dataset: {len(dataset)} images are fewer than one batch of train.batch_size={config.train.batch_size}")
+        # Streaming data is already split by rank (datasets.distributed); only map-style data is sharded here.
+        self.dataloader = loader if self.streaming else accelerator.prepare(loader)
+        self.dataset_size = None if self.streaming else len(dataset)
+        self.reference_images = vae_data.reference_images(config.data).to(accelerator.device)
+        self.total_steps = self._total_steps()
+
+    def _total_steps(self) -> int:
+        train = self.config.train
+        if train.max_steps is not None:
+            return train.max_steps
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / train.gradient_accumulation_steps)
+        return train.num_epochs * self.steps_per_epoch
+
+    def _build_models(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        vae = build_vae(config.model, config.data.resolution)
+        self.lpips = build_lpips(config.loss.perceptual_pretrained).to(accelerator.device) \
+            if config.loss.perceptual_weight > 0 else None
+        self.vae_player = self._player(VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr)
+        self.disc_player = None
+        if config.loss.disc_weight > 0:
+            discriminator = PatchDiscriminator(3, config.loss.disc_channels, config.loss.disc_num_layers, config.loss.disc_norm)
+            if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+                discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+            self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr)
+
+    def _player(self, model: nn.Module, lr: float) -> Player:
+        config = self.config
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, config.optim, lr)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        scaler = torch.amp.GradScaler(self.accelerator.device.type) if config.train.mixed_precision == "fp16" else None
+        return Player(model, optimizer, build_scheduler(optimizer, config.optim, self.total_steps),
+                      scaler, config.optim.max_grad_norm)
+
+    # ----------------------------------------------------------------------------------------------
+    # small views
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def vae(self):
+        """The bare AutoencoderKL (for saving and sampling; training goes through the prepared module)."""
+        return self.accelerator.unwrap_model(self.vae_player.model).vae
+
+    @property
+    def discriminator(self) -> nn.Module | None:
+        return None if self.disc_player is None else self.accelerator.unwrap_model(self.disc_player.model)
+
+    @property
+    def disc_active(self) -> bool:
+        """The seed switches the discriminator on after 15,000 micro-batches, i.e. 3,750 steps of 4."""
+        return self.disc_player is not None and self.global_step >= self.config.loss.disc_start_step
+
+    def autocast(self):
+        dtype = AUTOCAST_DTYPES.get(self.config.train.mixed_precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.accelerator.device.type, dtype=dtype)
+
+    # ----------------------------------------------------------------------------------------------
+    # one micro-batch
+
+    def training_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Generator update, then discriminator update; returns the detached loss breakdown."""
+        disc_active = self.disc_active
+        with self.autocast():
+            reconstructions, posterior = self.vae_player.model(images)
+            g_loss, breakdown = self.generator_loss(images, reconstructions, posterior, disc_active)
+        self.vae_player.backward(self.accelerator, g_loss)
+        if self.accelerator.sync_gradients:
+            self.vae_player.step(self.accelerator)
+        if disc_active:
+            breakdown.update(self.discriminator_step(images, reconstructions.detach()))
+        return breakdown
+
+    def generator_loss(self, images, reconstructions, posterior, disc_active: bool):
+        loss_config = self.config.loss
+        zero = images.new_zeros((), dtype=torch.float32)
+        rec = reconstruction_loss(reconstructions, images, loss_config.reconstruction)
+        kl = kl_loss(posterior.mean, posterior.logvar, loss_config.kl_reduction)
+        perceptual = perceptual_loss(self.lpips, reconstructions, images).float() if self.lpips is not None else zero
+        nll = loss_config.reconstruction_weight * rec + loss_config.perceptual_weight * perceptual
+        g_loss = nll + loss_config.kl_weight * kl
+        g_adv, disc_weight = zero, zero
+        if disc_active:  # before disc_start_step the discriminator is not even run
+            with frozen(self.discriminator) as discriminator:
+                g_adv = generator_adversarial_loss(discriminator(reconstructions), loss_config.disc_loss)
+            disc_weight = zero + loss_config.disc_weight
+            if loss_config.adaptive_disc_weight:
+                disc_weight = disc_weight * adaptive_disc_weight(
+                    nll, g_adv, decoder_last_layer(self.vae), loss_config.adaptive_weight_max)
+            g_loss = g_loss + disc_weight * g_adv
+        breakdown = {"rec": rec, "kl": kl, "perceptual": perceptual, "g_adv": g_adv,
+                     "disc_weight": disc_weight, "g_loss": g_loss}
+        return g_loss, {name: value.detach() for name, value in breakdown.items()}
+
+    def discriminator_step(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The discriminator learns on detached reconstructions: none of its loss reaches the VAE."""
+        player = self.disc_player
+        with self.autocast():
+            logits_real = player.model(images)
+            logits_fake = player.model(reconstructions)
+            d_loss = self.config.loss.disc_loss_weight * discriminator_loss(logits_real, logits_fake, self.config.loss.disc_loss)
+        player.backward(self.accelerator, d_loss)
+        if self.accelerator.sync_gradients:
+            player.step(self.accelerator)
+        return {"d_loss": d_loss.detach(), "d_real": logits_real.detach().float().mean(),
+                "d_fake": logits_fake.detach().float().mean()}
+
+    # ----------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> Path:
+        self._write_config()
+        self.accelerator.init_trackers(self.config.train.tracker_project, config=flat_hparams(self.config))
+        progress = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.is_main, desc="steps")
+        meter = _Meter()
+        while self.global_step < self.total_steps:
+            self._train_epoch(progress, meter)
+            self.epoch += 1
+            self.save_vae()
+        progress.close()
+        self.accelerator.end_training()
+        self._log_end()
+        return self.output_dir / "vae"
+
+    def _train_epoch(self, progress, meter: "_Meter") -> None:
+        if self.streaming and hasattr(self.dataloader.dataset, "set_epoch"):
+            self.dataloader.dataset.set_epoch(self.epoch)  # a new shuffle of the stream each epoch
+        for batch in self.dataloader:
+            self.images_skipped += batch["num_skipped"]
+            images = batch["pixel_values"]
+            if images.numel() == 0:
+                continue
+            images = images.to(self.accelerator.device, non_blocking=True)
+            with self.accelerator.accumulate(self.vae_player.model, *self._disc_models()):
+                breakdown = self.training_step(images)
+            meter.add(breakdown, images.shape[0])
+            if self.accelerator.sync_gradients:
+                self._after_optimizer_step(progress, meter)
+                if self.global_step >= self.total_steps:
+                    return
+
+    def _disc_models(self) -> list[nn.Module]:
+        return [] if self.disc_player is None else [self.disc_player.model]
+
+    def _after_optimizer_step(self, progress, meter: "_Meter") -> None:
+        self.global_step += 1
+        self.vae_player.advance_schedule()
+        if self.disc_player is not None:
+            self.disc_player.advance_schedule()
+        progress.update(1)
+        train = self.config.train
+        if self.global_step % train.log_every_steps == 0 or self.global_step == self.total_steps:
+            self._log(progress, meter)
+        if self.global_step == 1 or self.global_step % train.sample_every_steps == 0:
+            self.write_sample()
+
+    # ----------------------------------------------------------------------------------------------
+    # outputs
+
+    def _log(self, progress, meter: "_Meter") -> None:
+        """The only place the loop waits for the device: `.item()` on the averaged breakdown."""
+        values = meter.flush(self.accelerator.num_processes)
+        values["lr"] = self.vae_player.lr
+        if self.disc_player is not None:
+            values["disc_lr"] = self.disc_player.lr
+        values["images_skipped"] = self.images_skipped
+        values["epoch"] = self.epoch
+        self.accelerator.log(values, step=self.global_step)
+        shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("rec", "kl", "perceptual", "g_adv", "d_loss")}
+        progress.set_postfix(shown, refresh=False)
+
+    def write_sample(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_sample(self.vae, self.reference_images, self.output_dir / "samples", self.global_step)
+
+    def save_vae(self) -> Path:
+        self.accelerator.wait_for_everyone()
+        folder = self.output_dir / "vae"
+        if self.is_main:
+            save_vae(self.vae, folder)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def _write_config(self) -> None:
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
+
+    def _log_start(self) -> None:
+        if not self.is_main:
+            return
+        train, accelerator = self.config.train, self.accelerator
+        effective = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+        size = "streaming" if self.dataset_size is None else f"{self.dataset_size} images"
+        print(f"vae-hf: {accelerator.num_processes} x {accelerator.device.type}, precision {train.mixed_precision}, "
+              f"effective batch {effective} ({train.batch_size} x {train.gradient_accumulation_steps} accumulation x "
+              f"{accelerator.num_processes} processes), {self.total_steps} steps, data: {size}", flush=True)
+
+    def _log_end(self) -> None:
+        if self.is_main:
+            folder = (self.output_dir / "vae").resolve()
+            skipped = f"; {self.images_skipped} unreadable images skipped" if self.images_skipped else ""
+            print(f"vae-hf: done after {self.global_step} steps{skipped}. VAE saved to {folder}; load it with "
+                  f"AutoencoderKL.from_pretrained('{folder}')", flush=True)
+
+
+class _Meter:
+    """Sums the breakdown on the device between log steps, so the loop never waits on `.item()`."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.images = 0
+        self.started = time.perf_counter()
+
+    def add(self, breakdown: dict[str, torch.Tensor], images: int) -> None:
+        for name, value in breakdown.items():
+            self.sums[name] = self.sums.get(name, 0) + value.float()
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.images += images
+
+    def flush(self, num_processes: int) -> dict[str, float]:
+        values = {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
+        elapsed = time.perf_counter() - self.started
+        values["images_per_s"] = self.images * num_processes / max(elapsed, 1e-9)
+        self.__init__()
+        return values
