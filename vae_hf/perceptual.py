@@ -9,6 +9,7 @@ it in `torch.no_grad()`.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lpips
@@ -42,7 +43,9 @@ def build_lpips(pretrained: bool = True) -> lpips.LPIPS:
     """LPIPS-VGG in eval mode with every parameter frozen; `pretrained=False` uses a random trunk."""
     if pretrained:
         require_vgg_weights()
-    model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=not pretrained, verbose=False)
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=not pretrained, verbose=False)
     heads = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
     # The package's own loader unpickles; the heads are a plain state dict, so load them safely.
     model.load_state_dict(torch.load(heads, map_location="cpu", weights_only=True), strict=False)

@@ -1,0 +1,21 @@
+# vae-hf on a CUDA PyTorch base. Build:  docker build -t vae-hf .
+# Run:  docker run --gpus all -v $PWD/data:/data -v $PWD/outputs:/workspace/outputs \
+#         -v hf-cache:/home/vae/.cache/huggingface vae-hf --config configs/celebahq_256.yaml data.dataset=/data
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    HF_HOME=/home/vae/.cache/huggingface \
+    TORCH_HOME=/home/vae/.cache/torch
+
+RUN useradd --create-home --uid 1000 vae
+WORKDIR /workspace
+
+COPY pyproject.toml README.md train_autoencoder.py ./
+COPY vae_hf ./vae_hf
+COPY configs ./configs
+COPY assets ./assets
+RUN pip install --no-cache-dir . && chown -R vae:vae /workspace
+
+USER vae
+VOLUME ["/home/vae/.cache/huggingface"]
+ENTRYPOINT ["accelerate", "launch", "train_autoencoder.py"]

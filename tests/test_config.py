@@ -1,0 +1,88 @@
+"""The config: shipped recipes load, overrides apply, bad values are refused naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from vae_hf.config import Config, ConfigError, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {path.name for path in RECIPES}
+    assert {"demo.yaml", "celebahq_256.yaml", "ldm_kl_f8.yaml", "sd_vae_ft_mse.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_default_config_is_the_demo():
+    assert load_config().output_dir == load_config(ROOT / "configs" / "demo.yaml").output_dir
+
+
+def test_reference_recipe_matches_the_seed():
+    config = load_config(ROOT / "configs" / "celebahq_256.yaml")
+    assert config.seed == 1111
+    assert config.optim.lr == 1e-5 and list(config.optim.betas) == [0.5, 0.999] and config.optim.weight_decay == 0
+    assert config.train.batch_size == 4 and config.train.gradient_accumulation_steps == 4
+    assert config.train.num_epochs == 20 and config.train.max_steps is None
+    assert config.loss.reconstruction == "l2" and config.loss.kl_weight == 5e-6 and config.loss.kl_reduction == "mean"
+    assert config.loss.perceptual_weight == 1 and config.loss.disc_loss == "lsgan" and config.loss.disc_weight == 0.5
+    # 15,000 micro-batches of the seed are 3,750 optimizer steps of 4 micro-batches
+    assert config.loss.disc_start_step * config.train.gradient_accumulation_steps == 15000
+    assert config.data.resolution == 256 and config.data.reference_indices == [13]
+    assert config.model.block_out_channels == [64, 128, 256, 256] and config.model.latent_channels == 4
+    assert config.model.layers_per_block == 2
+
+
+def test_dotted_overrides_win_over_the_file():
+    config = load_config(None, ["train.max_steps=20", "model.block_out_channels=[32,64]", "optim.betas=[0.9,0.99]"])
+    assert config.train.max_steps == 20
+    assert config.model.block_out_channels == [32, 64]
+    assert list(config.optim.betas) == [0.9, 0.99]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_stepz=3", "train.max_stepz"),
+        ("nonsense=1", "nonsense"),
+        ("train.max_steps=abc", "train.max_steps"),
+        ("optim.lr=-1e-4", "optim.lr"),
+        ("data.resolution=100", "data.resolution"),  # the demo VAE downsamples by 8
+        ("model.block_out_channels=[48,64]", "model.block_out_channels"),  # 48 % 32 groups
+        ("loss.disc_loss=wgan", "loss.disc_loss"),
+        ("loss.kl_reduction=max", "loss.kl_reduction"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+        ("optim.betas=[0.5]", "optim.betas"),
+        ("loss.kl_weight=-1", "loss.kl_weight"),
+        ("train.batch_size=0", "train.batch_size"),
+    ],
+)
+def test_bad_values_are_refused_with_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(key)
+
+
+def test_streaming_needs_max_steps():
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, ["data.streaming=true", "train.max_steps=null"])
+
+
+def test_missing_config_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = load_config(None, ["train.max_steps=7", "loss.disc_loss=hinge"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(path) == config

@@ -1,0 +1,129 @@
+"""Images from any PIL mode become [-1, 1] RGB crops; unreadable files are skipped and counted."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vae_hf.config import DataConfig
+from vae_hf.data import (
+    DataError,
+    ExampleProcessor,
+    ImageTransform,
+    collate,
+    decode_image,
+    reference_images,
+    to_rgb,
+    training_dataset,
+)
+
+
+def _modes() -> dict[str, Image.Image]:
+    rgb = Image.new("RGB", (20, 10), (200, 100, 50))
+    rgba = Image.new("RGBA", (20, 10), (0, 0, 0, 0))  # fully transparent black -> white
+    palette = rgb.convert("P")
+    sixteen = Image.fromarray(np.full((10, 20), 65535, dtype=np.uint16))
+    return {
+        "L": rgb.convert("L"),
+        "P": palette,
+        "RGBA": rgba,
+        "CMYK": rgb.convert("CMYK"),
+        "I;16": sixteen,
+        "LA": rgb.convert("LA"),
+        "1": rgb.convert("1"),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_every_mode_becomes_8_bit_rgb(mode):
+    image = to_rgb(_modes()[mode])
+    assert image.mode == "RGB" and image.size == (20, 10)
+
+
+def test_transparency_is_composited_on_white_and_16_bit_is_rescaled():
+    modes = _modes()
+    assert to_rgb(modes["RGBA"]).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(modes["I;16"]).getpixel((0, 0)) == (255, 255, 255)  # 65535 is white, not clipped garbage
+
+
+def test_exif_rotation_is_applied():
+    image = Image.new("RGB", (30, 10), (10, 20, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    decoded = decode_image({"bytes": buffer.getvalue(), "path": None})
+    assert decoded.size == (10, 30)
+
+
+def test_transform_resizes_the_short_side_crops_and_scales_to_unit_range():
+    image = Image.new("RGB", (64, 40), (255, 0, 128))
+    pixels = ImageTransform(resolution=16, center_crop=True)(image)
+    assert pixels.shape == (3, 16, 16)
+    assert pixels[0].min().item() == pytest.approx(1.0) and pixels[1].max().item() == pytest.approx(-1.0)
+
+
+def test_small_images_are_upscaled_to_the_crop():
+    pixels = ImageTransform(resolution=32, center_crop=False)(Image.new("RGB", (8, 12)))
+    assert pixels.shape == (3, 32, 32)
+
+
+def test_random_flip_follows_the_torch_seed():
+    image = Image.fromarray(np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3))
+    transform = ImageTransform(resolution=16, center_crop=True, random_flip=True)
+    torch.manual_seed(0)
+    first = [transform(image) for _ in range(6)]
+    torch.manual_seed(0)
+    second = [transform(image) for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    unflipped = ImageTransform(resolution=16, center_crop=True)(image)
+    assert any(torch.equal(a, unflipped) for a in first)
+    assert any(torch.equal(a, unflipped.flip(-1)) for a in first)
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    processor = ExampleProcessor("image", ImageTransform(8))
+    rows = processor({"image": [{"path": str(good), "bytes": None}, {"path": str(bad), "bytes": None},
+                                {"path": str(empty), "bytes": None}]})
+    batch = collate([{"pixel_values": value} for value in rows["pixel_values"]])
+    assert batch["pixel_values"].shape == (1, 3, 8, 8)
+    assert batch["num_skipped"] == 2
+
+
+def test_a_local_folder_loads_through_the_imagefolder_builder(image_folder):
+    config = DataConfig(dataset=str(image_folder), resolution=16, num_workers=0)
+    dataset = training_dataset(config, seed=0)
+    assert len(dataset) == 8
+    example = dataset[0]["pixel_values"]
+    assert example.shape == (3, 16, 16) and -1 <= example.min() and example.max() <= 1
+
+
+def test_reference_images_come_from_the_chosen_indices(image_folder):
+    config = DataConfig(dataset=str(image_folder), resolution=16, reference_indices=[0, 3])
+    images = reference_images(config)
+    assert images.shape == (2, 3, 16, 16)
+    with pytest.raises(DataError, match="data.reference_indices"):
+        reference_images(DataConfig(dataset=str(image_folder), resolution=16, reference_indices=[99]))
+
+
+def test_a_wrong_image_column_is_named(image_folder):
+    with pytest.raises(DataError, match="data.image_column"):
+        training_dataset(DataConfig(dataset=str(image_folder), image_column="picture"), seed=0)
+
+
+def test_a_hub_dataset_offline_fails_at_once_with_a_clear_message(monkeypatch):
+    import vae_hf.hub as hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: offline")
+    with pytest.raises(hub.OfflineError, match="data.dataset=someone/some-dataset"):
+        training_dataset(DataConfig(dataset="someone/some-dataset"), seed=0)

@@ -1,0 +1,175 @@
+"""The training loop's guarantees: who gets which gradient, when the discriminator runs, precision,
+and gradient accumulation equal to one large batch."""
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from vae_hf.config import load_config
+from vae_hf.trainer import Trainer
+
+
+def build(image_folder, tmp_path, **overrides) -> Trainer:
+    return Trainer(load_config(None, tiny_overrides(image_folder, tmp_path / "run", **overrides)))
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters only: BatchNorm's running statistics are not learned and never used (the
+    discriminator is always in train mode)."""
+    return {name: value.detach().clone() for name, value in module.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {name for name, value in module.named_parameters() if not torch.equal(before[name], value)}
+
+
+def first_images(trainer: Trainer) -> torch.Tensor:
+    return next(iter(trainer.dataloader))["pixel_values"]
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_lpips_sends_gradient_to_the_decoder(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"loss.reconstruction_weight": 0, "loss.kl_weight": 0,
+                                               "loss.disc_weight": 0})
+    images = first_images(trainer)
+    reconstructions, posterior = trainer.vae_player.model(images)
+    g_loss, breakdown = trainer.generator_loss(images, reconstructions, posterior, disc_active=False)
+    assert breakdown["rec"] > 0 and g_loss.item() == pytest.approx(breakdown["perceptual"].item())
+    g_loss.backward()
+    grad = trainer.vae.decoder.conv_out.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in trainer.lpips.parameters())
+    assert not trainer.lpips.training
+
+
+def test_no_discriminator_work_before_disc_start_step(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"loss.disc_start_step": 3, "train.max_steps": 2,
+                                               "model.sample_posterior": "false"})
+    calls = count_calls(trainer.discriminator)
+    disc_before = snapshot(trainer.discriminator)
+    trainer.train()
+    assert calls[0] == 0
+    assert changed(disc_before, trainer.discriminator) == set()
+    # and no adversarial gradient reached the VAE: it trained exactly as without any discriminator
+    reference = build(image_folder, tmp_path / "reference", **{"loss.disc_weight": 0, "train.max_steps": 2,
+                                                                "model.sample_posterior": "false"})
+    reference.train()
+    for name, value in reference.vae.state_dict().items():
+        assert torch.equal(value, trainer.vae.state_dict()[name]), name
+
+
+def test_each_players_step_changes_only_its_own_parameters(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"loss.disc_start_step": 0})
+    assert trainer.disc_active
+    images = first_images(trainer)
+    vae_before, disc_before = snapshot(trainer.vae), snapshot(trainer.discriminator)
+
+    reconstructions, posterior = trainer.vae_player.model(images)
+    g_loss, breakdown = trainer.generator_loss(images, reconstructions, posterior, disc_active=True)
+    assert breakdown["g_adv"] != 0
+    trainer.vae_player.backward(trainer.accelerator, g_loss)
+    assert all(p.grad is None for p in trainer.discriminator.parameters())  # no leak into the discriminator
+    assert all(p.requires_grad for p in trainer.discriminator.parameters())  # unfrozen again afterwards
+    trainer.vae_player.step(trainer.accelerator)
+    assert changed(vae_before, trainer.vae)
+    assert changed(disc_before, trainer.discriminator) == set()
+
+    vae_after_g = snapshot(trainer.vae)
+    trainer.discriminator_step(images, reconstructions.detach())
+    assert changed(vae_after_g, trainer.vae) == set()
+    assert all(p.grad is None for p in trainer.vae.parameters())
+    assert {name for name in changed(disc_before, trainer.discriminator) if name.endswith("weight")}
+
+
+def test_training_step_runs_both_players_once_the_discriminator_is_on(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"loss.disc_start_step": 1, "train.max_steps": 3})
+    calls = count_calls(trainer.discriminator)
+    disc_before = snapshot(trainer.discriminator)
+    trainer.train()
+    # steps 2 and 3: one frozen call in the VAE's loss, two (real, fake) in the discriminator's step
+    assert calls[0] == 2 * 3
+    assert changed(disc_before, trainer.discriminator)
+
+
+def test_adaptive_weight_is_computed_only_when_the_discriminator_is_on(image_folder, tmp_path, monkeypatch):
+    import vae_hf.trainer as trainer_module
+
+    weights = []
+    real = trainer_module.adaptive_disc_weight
+    monkeypatch.setattr(trainer_module, "adaptive_disc_weight", lambda *a, **k: weights.append(real(*a, **k)) or weights[-1])
+    trainer = build(image_folder, tmp_path, **{"loss.adaptive_disc_weight": "true", "loss.disc_start_step": 2,
+                                               "loss.disc_loss": "hinge", "train.max_steps": 3})
+    trainer.train()
+    assert len(weights) == 1 and weights[0] > 0
+
+
+def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, monkeypatch):
+    """The gradient a step applies is the same for 4 micro-batches of 1 as for 1 batch of 4.
+
+    (Weights after Adam are not compared: its first update is about lr * sign(grad), which turns
+    float-rounding noise in gradients that are really zero into differences of 2 * lr, and every
+    later gradient inherits them.)
+    """
+    from vae_hf.optimization import Player
+
+    applied = []
+    real_step = Player.step
+
+    def recording_step(player, accelerator):
+        applied.append([p.grad.clone() for p in player.parameters])
+        return real_step(player, accelerator)
+
+    monkeypatch.setattr(Player, "step", recording_step)
+    common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
+    build(image_folder, tmp_path / "a", **common, **{"train.batch_size": 1, "train.gradient_accumulation_steps": 4}).train()
+    build(image_folder, tmp_path / "b", **common, **{"train.batch_size": 4, "train.gradient_accumulation_steps": 1}).train()
+    accumulated, large = applied
+    scale = max(g.abs().max().item() for g in large)
+    assert scale > 0
+    for grad_accumulated, grad_large in zip(accumulated, large, strict=True):
+        torch.testing.assert_close(grad_accumulated, grad_large, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_keeps_fp32_master_weights(image_folder, tmp_path, precision):
+    trainer = build(image_folder, tmp_path, **{"train.mixed_precision": precision, "loss.disc_start_step": 1,
+                                               "train.max_steps": 3})
+    vae_before = snapshot(trainer.vae)
+    trainer.train()
+    for module in (trainer.vae, trainer.discriminator):
+        assert {p.dtype for p in module.parameters()} == {torch.float32}
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+    if precision == "bf16":
+        assert changed(vae_before, trainer.vae)
+    else:
+        assert trainer.vae_player.scaler is not None and trainer.disc_player.scaler is not None
+        assert trainer.vae_player.scaler is not trainer.disc_player.scaler
+
+
+def test_autocast_runs_the_vae_in_half_precision(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"train.mixed_precision": "bf16"})
+    dtypes = []
+    trainer.vae.decoder.conv_out.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    trainer.training_step(first_images(trainer))
+    assert dtypes == [torch.bfloat16]
+
+
+def test_decoder_only_training_leaves_the_encoder_untouched(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"model.train_decoder_only": "true", "loss.disc_weight": 0})
+    before = snapshot(trainer.vae)
+    trainer.train()
+    moved = changed(before, trainer.vae)
+    assert moved and all(name.startswith(("decoder.", "post_quant_conv.")) for name in moved)
+
+
+def test_learning_rate_warmup_follows_optimizer_steps(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"optim.warmup_steps": 4, "optim.lr": 1e-3, "train.max_steps": 2,
+                                               "loss.disc_weight": 0})
+    assert trainer.vae_player.lr == 0.0
+    trainer.train()
+    assert trainer.vae_player.lr == pytest.approx(2 / 4 * 1e-3)
