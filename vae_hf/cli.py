@@ -6,12 +6,13 @@ import argparse
 import logging
 import sys
 
+from vae_hf.checkpointing import CheckpointError
 from vae_hf.config import ConfigError, load_config
 from vae_hf.data import DataError
 from vae_hf.hub import OfflineError
 from vae_hf.model import ModelLoadError
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, OfflineError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, OfflineError, CheckpointError)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +24,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(config_path: str | None, overrides: list[str]) -> int:
     """Parse and check the whole config before building anything, then train."""
     config = load_config(config_path, overrides)
+    import signal
+
     from vae_hf.trainer import Trainer  # heavy imports only once the config is known to be good
 
-    Trainer(config).train()
+    trainer = Trainer(config)
+    trainer.train()
+    if trainer.stop_signal is not None:  # saved and stopped early: not a finished run
+        return 128 + int(getattr(signal, trainer.stop_signal, signal.SIGTERM))
     return 0
 
 

@@ -103,37 +103,72 @@ class ImageTransform:
     center_crop: bool = True
     random_flip: bool = False
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         width, height = image.size
         if self.center_crop:
             image = TF.center_crop(image, [self.resolution, self.resolution])
-        else:  # torch's RNG, so crops follow the run's seed (DataLoader workers are seeded from it)
-            top = int(torch.randint(0, height - self.resolution + 1, ()))
-            left = int(torch.randint(0, width - self.resolution + 1, ()))
+        else:
+            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
+            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
             image = TF.crop(image, top, left, self.resolution, self.resolution)
         pixels = TF.pil_to_tensor(image).float().div(127.5).sub(1.0)  # (3, R, R) in [-1, 1]
-        if self.random_flip and bool(torch.rand(()) < 0.5):
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             pixels = pixels.flip(-1)
         return pixels
 
 
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (run seed, epoch, index, ...), the same in every process."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def try_transform(value: Any, transform: ImageTransform, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Decode and transform one stored image; None (with a warning naming it) when it is unreadable."""
+    try:
+        return transform(decode_image(value), generator)
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.warning("skipping unreadable image %s: %s", _describe(value), reason)
+        return None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A map-style `datasets` split as tensors.
+
+    Random crops and flips draw from a generator seeded by (run seed, epoch, index), not from the
+    process-wide RNG: a sample's augmentation is then the same whichever worker loads it and whether
+    or not the run was interrupted and resumed.
+    """
+
+    def __init__(self, dataset: Dataset, image_column: str, transform: ImageTransform, seed: int):
+        self.dataset, self.image_column, self.transform, self.seed = dataset, image_column, transform, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        return {"pixel_values": try_transform(self.dataset[index][self.image_column], self.transform, generator)}
+
+
 @dataclass
 class ExampleProcessor:
-    """Turns a batch of dataset rows into tensors; rows that fail to decode become None."""
+    """For streaming data: turns a batch of rows into tensors; unreadable rows become None."""
 
     image_column: str
     transform: ImageTransform
 
     def __call__(self, examples: dict[str, list]) -> dict[str, list]:
-        return {"pixel_values": [self._one(value) for value in examples[self.image_column]]}
-
-    def _one(self, value: Any) -> torch.Tensor | None:
-        try:
-            return self.transform(decode_image(value))
-        except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as error:
-            logger.warning("skipping unreadable image %s: %s", _describe(value), str(error).splitlines()[0] if str(error) else type(error).__name__)
-            return None
+        return {"pixel_values": [try_transform(value, self.transform) for value in examples[self.image_column]]}
 
 
 def _describe(value: Any) -> str:
@@ -149,7 +184,7 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pixel_values": pixel_values, "num_skipped": len(rows) - len(images)}
 
 
-def training_dataset(config: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> Dataset | IterableDataset:
+def training_dataset(config: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> ImageDataset | IterableDataset:
     """The training split, transformed lazily; streaming data is shuffled in a buffer and split by rank."""
     dataset = load_image_dataset(config)
     processor = ExampleProcessor(config.image_column, ImageTransform(config.resolution, config.center_crop, config.random_flip))
@@ -161,7 +196,7 @@ def training_dataset(config: DataConfig, seed: int, rank: int = 0, world_size: i
         return dataset.map(processor, batched=True, remove_columns=dataset.column_names)
     if len(dataset) == 0:
         raise DataError(f"data.dataset: split {config.split!r} of {config.dataset} holds no images")
-    return dataset.with_transform(processor)
+    return ImageDataset(dataset, config.image_column, processor.transform, seed)
 
 
 def reference_images(config: DataConfig) -> torch.Tensor:

@@ -97,9 +97,9 @@ class VAETrainingModule(nn.Module):
         self.sample_posterior = sample_posterior
         self.encoder_frozen = not any(p.requires_grad for p in vae.encoder.parameters())
 
-    def forward(self, images: torch.Tensor) -> VAEOutput:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
             posterior = self.vae.encode(images).latent_dist
-        latents = posterior.sample() if self.sample_posterior else posterior.mode()
+        latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
         reconstructions = self.vae.decode(latents).sample
         return VAEOutput(reconstructions, posterior)

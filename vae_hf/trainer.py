@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vae_hf import data as vae_data
+from vae_hf.checkpointing import Checkpointer, model_shape
 from vae_hf.config import Config, flat_hparams, to_yaml
 from vae_hf.discriminator import PatchDiscriminator
 from vae_hf.export import save_vae
@@ -61,11 +63,19 @@ class Trainer:
             require_vgg_weights()  # fail in a second, not after the data and models are built
         self.accelerator = self._build_accelerator()
         set_seed(config.seed)
-        self.global_step = 0
+        self.global_step = 0  # optimizer steps done
+        self.micro_step = 0  # micro-batches done (seeds the posterior noise)
         self.epoch = 0
+        self.batches_in_epoch = 0  # data position within the epoch, for resuming
         self.images_skipped = 0
+        self.stop_signal: str | None = None
+        self.last_checkpoint_step: int | None = None
         self._build_data()
         self._build_models()
+        self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints",
+                                         config.train.checkpoints_total_limit)
+        if config.train.resume_from is not None:
+            self.resume(config.train.resume_from)
         self._log_start()
 
     # ----------------------------------------------------------------------------------------------
@@ -81,7 +91,7 @@ class Trainer:
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
 
     def _build_data(self) -> None:
@@ -97,7 +107,9 @@ class Trainer:
             collate_fn=vae_data.collate,
             drop_last=not self.streaming,
             pin_memory=accelerator.device.type == "cuda",
-            persistent_workers=workers > 0,
+            # workers are rebuilt each epoch so they see the dataset's new epoch (it seeds augmentation)
+            persistent_workers=False,
+            generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG out of loading
         )
         if not self.streaming and len(loader) == 0:
             raise vae_data.DataError(
@@ -171,7 +183,7 @@ class Trainer:
         """Generator update, then discriminator update; returns the detached loss breakdown."""
         disc_active = self.disc_active
         with self.autocast():
-            reconstructions, posterior = self.vae_player.model(images)
+            reconstructions, posterior = self.vae_player.model(images, generator=self._noise_generator())
             g_loss, breakdown = self.generator_loss(images, reconstructions, posterior, disc_active)
         self.vae_player.backward(self.accelerator, g_loss)
         if self.accelerator.sync_gradients:
@@ -179,6 +191,11 @@ class Trainer:
         if disc_active:
             breakdown.update(self.discriminator_step(images, reconstructions.detach()))
         return breakdown
+
+    def _noise_generator(self) -> torch.Generator:
+        """Posterior noise from (seed, micro-batch, process), so a resumed run draws what it would have."""
+        seed = vae_data.sample_seed(self.config.seed, self.micro_step, self.accelerator.process_index)
+        return torch.Generator(self.accelerator.device).manual_seed(seed)
 
     def generator_loss(self, images, reconstructions, posterior, disc_active: bool):
         loss_config = self.config.loss
@@ -222,31 +239,63 @@ class Trainer:
         self.accelerator.init_trackers(self.config.train.tracker_project, config=flat_hparams(self.config))
         progress = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.is_main, desc="steps")
         meter = _Meter()
-        while self.global_step < self.total_steps:
-            self._train_epoch(progress, meter)
-            self.epoch += 1
-            self.save_vae()
+        with self._stop_on_signals():
+            while self.global_step < self.total_steps and self.stop_signal is None:
+                if self._train_epoch(progress, meter):
+                    self._end_epoch()
         progress.close()
+        if self.stop_signal is not None:
+            return self._stop_for_signal()
+        if self.last_checkpoint_step != self.global_step:  # not already saved at this step's epoch end
+            self.save_vae()
+            self.save_checkpoint()
         self.accelerator.end_training()
         self._log_end()
         return self.output_dir / "vae"
 
-    def _train_epoch(self, progress, meter: "_Meter") -> None:
-        if self.streaming and hasattr(self.dataloader.dataset, "set_epoch"):
-            self.dataloader.dataset.set_epoch(self.epoch)  # a new shuffle of the stream each epoch
-        for batch in self.dataloader:
+    def _train_epoch(self, progress, meter: "_Meter") -> bool:
+        """Train until the data runs out (True: the epoch is complete) or the run must stop (False)."""
+        batches, usable = 0, 0
+        for batch in self._epoch_batches():
+            self.batches_in_epoch += 1
+            batches += 1
             self.images_skipped += batch["num_skipped"]
             images = batch["pixel_values"]
             if images.numel() == 0:
                 continue
+            usable += 1
             images = images.to(self.accelerator.device, non_blocking=True)
             with self.accelerator.accumulate(self.vae_player.model, *self._disc_models()):
                 breakdown = self.training_step(images)
+            self.micro_step += 1
             meter.add(breakdown, images.shape[0])
             if self.accelerator.sync_gradients:
                 self._after_optimizer_step(progress, meter)
-                if self.global_step >= self.total_steps:
-                    return
+                if self.global_step >= self.total_steps or self._should_stop():
+                    return False
+        if batches > 0 and usable == 0:
+            raise vae_data.DataError(f"data.dataset: no usable image in {self.config.data.dataset} "
+                                     f"({self.images_skipped} unreadable files skipped)")
+        return True
+
+    def _epoch_batches(self):
+        """This epoch's batches, in an order fixed by (seed, epoch), past the ones already trained on."""
+        loader = self.dataloader
+        if self.streaming:
+            if hasattr(loader.dataset, "set_epoch"):
+                loader.dataset.set_epoch(self.epoch)  # a new shuffle of the stream each epoch
+            return loader
+        loader.dataset.set_epoch(self.epoch)
+        if self.batches_in_epoch > 0:
+            loader = self.accelerator.skip_first_batches(loader, self.batches_in_epoch)
+        loader.set_epoch(self.epoch)
+        return loader
+
+    def _end_epoch(self) -> None:
+        self.epoch += 1
+        self.batches_in_epoch = 0
+        self.save_vae()
+        self.save_checkpoint()
 
     def _disc_models(self) -> list[nn.Module]:
         return [] if self.disc_player is None else [self.disc_player.model]
@@ -262,6 +311,84 @@ class Trainer:
             self._log(progress, meter)
         if self.global_step == 1 or self.global_step % train.sample_every_steps == 0:
             self.write_sample()
+        if train.checkpoint_every_steps and self.global_step % train.checkpoint_every_steps == 0:
+            self.save_checkpoint()
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints and resuming
+
+    @property
+    def model_shape(self) -> dict:
+        loss = self.config.loss
+        disc = None if self.disc_player is None else {
+            "channels": loss.disc_channels, "num_layers": loss.disc_num_layers, "norm": loss.disc_norm}
+        return model_shape(dict(self.vae.config), disc)
+
+    def state_dict(self) -> dict:
+        """What Accelerate's save_state does not hold: counters, data position, schedules, scalers."""
+        players = {"vae": self.vae_player, "discriminator": self.disc_player}
+        return {
+            "global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch, "images_skipped": self.images_skipped,
+            "schedulers": {name: p.scheduler.state_dict() for name, p in players.items() if p is not None},
+            "scalers": {name: p.scaler.state_dict() for name, p in players.items() if p is not None and p.scaler},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("global_step", "micro_step", "epoch", "batches_in_epoch", "images_skipped"):
+            setattr(self, key, state[key])
+        players = {"vae": self.vae_player, "discriminator": self.disc_player}
+        for name, scheduler_state in state["schedulers"].items():
+            players[name].scheduler.load_state_dict(scheduler_state)
+        for name, scaler_state in state["scalers"].items():
+            if players[name].scaler is not None:
+                players[name].scaler.load_state_dict(scaler_state)
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self.global_step, self.state_dict(), self.model_shape)
+        self.last_checkpoint_step = self.global_step
+        return path
+
+    def resume(self, resume_from: str) -> None:
+        path = self.checkpointer.resolve(resume_from)
+        if path is None:
+            if self.is_main:
+                print(f"vae-hf: no checkpoint in {self.checkpointer.folder} yet; starting a new run", flush=True)
+            return
+        self.load_state_dict(self.checkpointer.load(path, self.model_shape))
+        if self.is_main:
+            print(f"vae-hf: resumed from {path} at step {self.global_step} (epoch {self.epoch}, "
+                  f"batch {self.batches_in_epoch})", flush=True)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM (preemption) and SIGINT (Ctrl-C) stop the run at the next step boundary, saved."""
+        def request_stop(signum, _frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _should_stop(self) -> bool:
+        """Whether any process was signalled; all processes must stop at the same step to save together."""
+        if self.accelerator.num_processes == 1:
+            return self.stop_signal is not None
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() > 0:  # a host sync, in multi-process runs only
+            self.stop_signal = self.stop_signal or "SIGTERM"
+        return self.stop_signal is not None
+
+    def _stop_for_signal(self) -> Path:
+        path = self.save_checkpoint()
+        self.accelerator.end_training()
+        if self.is_main:
+            print(f"vae-hf: stopped by {self.stop_signal} at step {self.global_step}; state saved to {path}. "
+                  f"Resume with: train.resume_from=latest (same config and output_dir)", flush=True)
+        return path
 
     # ----------------------------------------------------------------------------------------------
     # outputs

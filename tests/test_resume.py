@@ -1,0 +1,170 @@
+"""Never lose a run: kill it, resume it, and end where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_overrides, write_images
+from vae_hf.checkpointing import STATE_FILE, CheckpointError, Checkpointer
+from vae_hf.config import load_config
+from vae_hf.trainer import Trainer
+
+# 8 images, batches of 2, 2 micro-batches a step: 2 steps an epoch, so 6 steps cross two epoch ends,
+# and a checkpoint every 3 steps falls mid-epoch. Random crops, flips, posterior noise and the
+# discriminator (from step 2) are all on: each must continue exactly after a resume.
+RECIPE = {"train.max_steps": 6, "train.gradient_accumulation_steps": 2, "train.checkpoint_every_steps": 3,
+          "loss.disc_start_step": 2, "data.center_crop": "false", "data.random_flip": "true",
+          "data.num_workers": 1}
+
+
+def command(images: Path, output_dir: Path, **extra) -> list[str]:
+    return [sys.executable, "train_autoencoder.py", "--config", "configs/demo.yaml",
+            *tiny_overrides(images, output_dir, **{**RECIPE, **extra})]
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    checkpoint = Checkpointer(None, output_dir / "checkpoints").latest()
+    weights = {f"vae.{k}": v for k, v in load_file(checkpoint / "model.safetensors").items()}
+    weights.update({f"disc.{k}": v for k, v in load_file(checkpoint / "model_1.safetensors").items()})
+    return weights
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("resume") / "images"
+    write_images(folder, 8)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = subprocess.run(command(images, output_dir), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def test_resume_after_sigkill_matches_the_uninterrupted_run(images, uninterrupted, tmp_path):
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen(command(images, output_dir), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(output_dir / "checkpoints" / "checkpoint-3" / STATE_FILE, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    killed_at = Checkpointer(None, output_dir / "checkpoints").latest()
+    assert killed_at is not None and not (output_dir / "checkpoints" / "checkpoint-6").exists()
+
+    resumed = subprocess.run(command(images, output_dir, **{"train.resume_from": "latest"}), cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {killed_at}" in resumed.stdout
+    expected, actual = final_weights(uninterrupted), final_weights(output_dir)
+    assert expected.keys() == actual.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=0, atol=1e-6, msg=name)
+    # the exported VAE is the same too
+    exported = load_file(output_dir / "vae" / "diffusion_pytorch_model.safetensors")
+    reference = load_file(uninterrupted / "vae" / "diffusion_pytorch_model.safetensors")
+    for name, value in reference.items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_says_how_to_resume(images, tmp_path):
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen(command(images, output_dir, **{"train.max_steps": 200, "train.sample_every_steps": 1}),
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(output_dir / "samples" / "step-0000002.png", process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "train.resume_from=latest" in stdout
+    saved = Checkpointer(None, output_dir / "checkpoints").latest()
+    step = int(saved.name.split("-")[1])
+    assert 2 <= step < 200
+
+    resumed = subprocess.run(command(images, output_dir, **{"train.resume_from": "latest",
+                                                             "train.max_steps": step + 2}),
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert Checkpointer(None, output_dir / "checkpoints").latest().name == f"checkpoint-{step + 2}"
+
+
+def build(images: Path, output_dir: Path, **overrides) -> Trainer:
+    return Trainer(load_config(None, tiny_overrides(images, output_dir, **overrides)))
+
+
+def test_rotation_keeps_the_newest_checkpoints(images, tmp_path):
+    trainer = build(images, tmp_path / "run", **{"train.max_steps": 4, "train.checkpoint_every_steps": 1,
+                                                 "train.checkpoints_total_limit": 2})
+    trainer.train()
+    names = [path.name for path in trainer.checkpointer.complete()]
+    assert names == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_a_crash_while_writing_leaves_latest_on_the_previous_checkpoint(images, tmp_path, monkeypatch):
+    trainer = build(images, tmp_path / "run", **{"train.max_steps": 1})
+    trainer.train()
+    previous = trainer.checkpointer.latest()
+    assert previous.name == "checkpoint-1"
+
+    def crash_midway(output_dir, **kwargs):
+        Path(output_dir, "model.safetensors").write_bytes(b"half a file")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", crash_midway)
+    trainer.global_step = 2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert trainer.checkpointer.latest() == previous
+    assert not (tmp_path / "run" / "checkpoints" / "checkpoint-2").exists()
+
+
+def test_a_full_disk_is_a_clear_error_that_keeps_the_previous_checkpoint(images, tmp_path, monkeypatch):
+    trainer = build(images, tmp_path / "run", **{"train.max_steps": 1})
+    trainer.train()
+
+    def disk_full(output_dir, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", disk_full)
+    trainer.global_step = 2
+    with pytest.raises(CheckpointError, match="No space left on device.*checkpoint-1 is intact"):
+        trainer.save_checkpoint()
+    assert trainer.checkpointer.latest().name == "checkpoint-1"
+    assert not list((tmp_path / "run" / "checkpoints").glob(".checkpoint-*"))
+
+
+def test_resuming_with_another_model_shape_is_refused(images, tmp_path):
+    build(images, tmp_path / "run", **{"train.max_steps": 1}).train()
+    with pytest.raises(CheckpointError, match="layers_per_block 1 -> 2"):
+        build(images, tmp_path / "run", **{"train.resume_from": "latest", "model.layers_per_block": 2})
+
+
+def test_resume_latest_without_checkpoints_starts_fresh_and_a_bad_path_is_refused(images, tmp_path):
+    trainer = build(images, tmp_path / "run", **{"train.resume_from": "latest"})
+    assert trainer.global_step == 0
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        build(images, tmp_path / "other", **{"train.resume_from": str(tmp_path / "nowhere")})
+
+
+def test_resume_can_extend_max_steps(images, tmp_path):
+    build(images, tmp_path / "run", **{"train.max_steps": 2}).train()
+    trainer = build(images, tmp_path / "run", **{"train.max_steps": 3, "train.resume_from": "latest"})
+    assert trainer.global_step == 2
+    trainer.train()
+    assert trainer.global_step == 3 and trainer.checkpointer.latest().name == "checkpoint-3"

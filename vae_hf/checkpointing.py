@@ -1,0 +1,129 @@
+"""Full training state in `<output_dir>/checkpoints/checkpoint-<step>/`, written so it is never half there.
+
+Accelerate's `save_state` writes the models (safetensors), optimizers and every process's RNG state;
+we add `trainer_state.json` (step, epoch, data position, schedules, gradient scalers) and
+`model_shape.json` (the architectures being trained). A checkpoint is written to a hidden staging folder and
+renamed into place once complete, so `latest` never picks a half-written one. Everything loads
+without unpickling code: safetensors, JSON, and `torch.load(weights_only=True)` for Accelerate's
+optimizer and RNG files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+SHAPE_FILE = "model_shape.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+SHAPE_KEYS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
+              "layers_per_block", "latent_channels", "norm_num_groups", "use_quant_conv", "use_post_quant_conv",
+              "mid_block_add_attention")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed from; the message says why in one line."""
+
+
+class Checkpointer:
+    def __init__(self, accelerator: Accelerator, folder: Path, total_limit: int | None = None):
+        self.accelerator = accelerator
+        self.folder = Path(folder)
+        self.total_limit = total_limit
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder counts once its state file is in place)."""
+        found = []
+        if self.folder.is_dir():
+            for path in self.folder.iterdir():
+                match = CHECKPOINT.match(path.name)
+                if match and (path / STATE_FILE).is_file():
+                    found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found)]
+
+    def latest(self) -> Path | None:
+        checkpoints = self.complete()
+        return checkpoints[-1] if checkpoints else None
+
+    def resolve(self, resume_from: str) -> Path | None:
+        """`latest` (None when there is none yet) or an explicit checkpoint folder."""
+        if resume_from == "latest":
+            return self.latest()
+        path = Path(resume_from).expanduser()
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"train.resume_from: {path} is not a complete checkpoint folder (no {STATE_FILE})")
+        return path
+
+    def save(self, step: int, state: dict[str, Any], shape: dict[str, Any]) -> Path:
+        """Every process calls this (each saves its own RNG state); the main process publishes it."""
+        final = self.folder / f"checkpoint-{step}"
+        staging = self.folder / f".checkpoint-{step}.staging"
+        try:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(str(staging), safe_serialization=True)
+            self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                _write_json(staging / SHAPE_FILE, shape)
+                _write_json(staging / STATE_FILE, state)  # written last: its presence marks completeness
+                retired = self.folder / f".checkpoint-{step}.retired"
+                if final.exists():  # the same step saved again (e.g. at an epoch's end): swap, then delete
+                    os.replace(final, retired)
+                os.replace(staging, final)
+                shutil.rmtree(retired, ignore_errors=True)
+                self.rotate()
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            previous = self.latest()
+            kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+            raise CheckpointError(f"cannot write checkpoint {final}: {error.strerror or error}{kept}") from None
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def rotate(self) -> None:
+        """Keep the newest `total_limit` complete checkpoints; clear staging folders of crashed saves."""
+        for stale in [*self.folder.glob(".checkpoint-*.staging"), *self.folder.glob(".checkpoint-*.retired")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        if self.total_limit is None:
+            return
+        checkpoints = self.complete()
+        for old in checkpoints[: max(len(checkpoints) - self.total_limit, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, shape: dict[str, Any]) -> dict[str, Any]:
+        """Refuse a checkpoint of another shape, then restore models, optimizers and RNGs."""
+        saved_shape = json.loads((path / SHAPE_FILE).read_text())
+        differences = [f"{key} {saved_shape.get(key)} -> {value}" for key, value in shape.items()
+                       if saved_shape.get(key) != value]
+        if differences:
+            raise CheckpointError(f"train.resume_from: {path} holds a VAE of another shape ({'; '.join(differences)}); "
+                                  "resume with the settings it was trained with, or start a new output_dir")
+        state = json.loads((path / STATE_FILE).read_text())
+        self.accelerator.load_state(str(path))
+        return state
+
+
+def model_shape(vae_config: dict[str, Any], discriminator: dict[str, Any] | None) -> dict[str, Any]:
+    """What must match for a checkpoint to load: the VAE's architecture and the discriminator's."""
+    shape = {key: _plain(vae_config.get(key)) for key in SHAPE_KEYS}
+    shape["discriminator"] = discriminator
+    return shape
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_plain))
