@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from vae_hf.checkpointing import CheckpointError
@@ -11,8 +12,9 @@ from vae_hf.config import ConfigError, load_config
 from vae_hf.data import DataError
 from vae_hf.hub import OfflineError
 from vae_hf.model import ModelLoadError
+from vae_hf.trainer import Trainer, TrainingDiverged
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, OfflineError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, ModelLoadError, OfflineError, CheckpointError, TrainingDiverged)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +26,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(config_path: str | None, overrides: list[str]) -> int:
     """Parse and check the whole config before building anything, then train."""
     config = load_config(config_path, overrides)
-    import signal
-
-    from vae_hf.trainer import Trainer  # heavy imports only once the config is known to be good
-
     trainer = Trainer(config)
     trainer.train()
     if trainer.stop_signal is not None:  # saved and stopped early: not a finished run

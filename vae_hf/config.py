@@ -89,6 +89,8 @@ class DataConfig:
     """Flip horizontally with probability 0.5."""
     num_workers: int = 2
     """DataLoader worker processes (0 loads in the main process)."""
+    max_image_pixels: int = 100_000_000
+    """Images with more pixels than this are skipped unopened (a decompression-bomb guard)."""
     shuffle_buffer_size: int = 1000
     """Shuffle buffer of a streaming dataset."""
     reference_images: List[str] = field(default_factory=list)
@@ -102,6 +104,7 @@ class DataConfig:
         _require(bool(self.dataset), "data.dataset", "must name a Hub dataset id or a local folder")
         _require(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _require(self.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
         _require(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size", "must be >= 1")
         for index in self.reference_indices:
             _require(index >= 0, "data.reference_indices", f"indices must be >= 0, got {index}")
@@ -219,6 +222,8 @@ class TrainConfig:
     """Keep at most this many checkpoints (null: keep all)."""
     resume_from: Optional[str] = None
     """null, latest, or a checkpoint folder."""
+    max_nonfinite_steps: int = 25
+    """Consecutive steps with non-finite gradients (skipped) after which the run saves and stops."""
     ema_decay: Optional[float] = None
     """Decay of an EMA of the VAE weights (null: no EMA)."""
     report_to: str = "tensorboard"
@@ -239,6 +244,7 @@ class TrainConfig:
             _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1 (or null)")
         if self.checkpoints_total_limit is not None:
             _require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1 (or null)")
+        _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         if self.ema_decay is not None:
             _require(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (or null)")
         _require_choice(self.report_to, "train.report_to", ("tensorboard", "wandb", "all", "none"))

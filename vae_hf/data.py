@@ -25,7 +25,8 @@ from vae_hf.hub import require_hub
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# What a broken, truncated, mislabelled or oversized file raises while being opened and decoded.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError)
 
 
 class DataError(RuntimeError):
@@ -63,17 +64,23 @@ def _load(loader, name: str, split: str):
         raise DataError(f"data.dataset: cannot load split {split!r} of {name}: {str(error).splitlines()[0]}") from None
 
 
-def decode_image(value: Any) -> Image.Image:
-    """An RGB PIL image from what `datasets` stores: a dict of bytes/path, a path, or a PIL image."""
-    if isinstance(value, dict):
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-        image = Image.open(source)
-    elif isinstance(value, (str, Path)):
-        image = Image.open(value)
+def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
+    """An RGB PIL image from what `datasets` stores: a dict of bytes/path, a path, or a PIL image.
+
+    Multi-frame files (GIF, APNG, multi-page TIFF) give their first frame; EXIF rotation is applied.
+    The pixel count is checked from the header, before anything is decoded.
+    """
+    if isinstance(value, dict) and value.get("bytes"):
+        image = Image.open(io.BytesIO(value["bytes"]))
+    elif isinstance(value, (dict, str, Path)):
+        path = value.get("path") if isinstance(value, dict) else value
+        image = Image.open(io.BytesIO(Path(path).read_bytes()))  # no file handle outlives the call
     elif isinstance(value, Image.Image):
         image = value
     else:
         raise TypeError(f"not an image: {type(value).__name__}")
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        raise ValueError(f"{image.width}x{image.height} is more than data.max_image_pixels={max_pixels} pixels")
     image.load()
     return to_rgb(ImageOps.exif_transpose(image))
 
@@ -127,11 +134,12 @@ def sample_seed(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
-def try_transform(value: Any, transform: ImageTransform, generator: torch.Generator | None = None) -> torch.Tensor | None:
+def try_transform(value: Any, transform: ImageTransform, generator: torch.Generator | None = None,
+                  max_pixels: int | None = None) -> torch.Tensor | None:
     """Decode and transform one stored image; None (with a warning naming it) when it is unreadable."""
     try:
-        return transform(decode_image(value), generator)
-    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError, Image.DecompressionBombError) as error:
+        return transform(decode_image(value, max_pixels), generator)
+    except DECODE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         logger.warning("skipping unreadable image %s: %s", _describe(value), reason)
         return None
@@ -145,8 +153,10 @@ class ImageDataset(torch.utils.data.Dataset):
     or not the run was interrupted and resumed.
     """
 
-    def __init__(self, dataset: Dataset, image_column: str, transform: ImageTransform, seed: int):
+    def __init__(self, dataset: Dataset, image_column: str, transform: ImageTransform, seed: int,
+                 max_pixels: int | None = None):
         self.dataset, self.image_column, self.transform, self.seed = dataset, image_column, transform, seed
+        self.max_pixels = max_pixels
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -157,7 +167,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        return {"pixel_values": try_transform(self.dataset[index][self.image_column], self.transform, generator)}
+        value = self.dataset[index][self.image_column]
+        return {"pixel_values": try_transform(value, self.transform, generator, self.max_pixels)}
 
 
 @dataclass
@@ -166,9 +177,11 @@ class ExampleProcessor:
 
     image_column: str
     transform: ImageTransform
+    max_pixels: int | None = None
 
     def __call__(self, examples: dict[str, list]) -> dict[str, list]:
-        return {"pixel_values": [try_transform(value, self.transform) for value in examples[self.image_column]]}
+        return {"pixel_values": [try_transform(value, self.transform, None, self.max_pixels)
+                                 for value in examples[self.image_column]]}
 
 
 def _describe(value: Any) -> str:
@@ -187,46 +200,68 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def training_dataset(config: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> ImageDataset | IterableDataset:
     """The training split, transformed lazily; streaming data is shuffled in a buffer and split by rank."""
     dataset = load_image_dataset(config)
-    processor = ExampleProcessor(config.image_column, ImageTransform(config.resolution, config.center_crop, config.random_flip))
+    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
     if isinstance(dataset, IterableDataset):
         from datasets.distributed import split_dataset_by_node
 
         dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer_size)
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        processor = ExampleProcessor(config.image_column, transform, config.max_image_pixels)
         return dataset.map(processor, batched=True, remove_columns=dataset.column_names)
+    require_a_usable_image(dataset, config)
+    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+
+
+def require_a_usable_image(dataset: Dataset, config: DataConfig, limit: int = 1000) -> None:
+    """Stop before training when the data holds no image that decodes (checks at most `limit` rows)."""
     if len(dataset) == 0:
         raise DataError(f"data.dataset: split {config.split!r} of {config.dataset} holds no images")
-    return ImageDataset(dataset, config.image_column, processor.transform, seed)
+    checked = min(len(dataset), limit)
+    for index in range(checked):
+        try:
+            decode_image(dataset[index][config.image_column], config.max_image_pixels)
+            return
+        except DECODE_ERRORS:
+            continue
+    where = f"its {checked}" if checked == len(dataset) else f"the first {checked} of its {len(dataset)}"
+    raise DataError(f"data.dataset: no usable image in {config.dataset}: none of {where} files decodes")
 
 
 def reference_images(config: DataConfig) -> torch.Tensor:
     """The fixed images shown in every sample PNG, centre-cropped and unflipped: (N, 3, R, R)."""
     transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
-    if config.reference_images:
-        values: list[Any] = [Path(p).expanduser() for p in config.reference_images]
-        for path in values:
-            if not path.is_file():
-                raise DataError(f"data.reference_images: no such file {path}")
-    else:
-        values = _rows_at(config, config.reference_indices)
-    try:
-        return torch.stack([transform(decode_image(value)) for value in values])
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"data.reference_images: a reference image cannot be read: {error}") from None
+    if not config.reference_images:
+        return torch.stack([transform(image) for image in _readable_rows(config)])
+    images = []
+    for path in (Path(p).expanduser() for p in config.reference_images):
+        try:
+            images.append(transform(decode_image(path, config.max_image_pixels)))
+        except FileNotFoundError:
+            raise DataError(f"data.reference_images: no such file {path}") from None
+        except DECODE_ERRORS as error:
+            raise DataError(f"data.reference_images: cannot read {path}: {error}") from None
+    return torch.stack(images)
 
 
-def _rows_at(config: DataConfig, indices: list[int]) -> list[Any]:
+def _readable_rows(config: DataConfig, lookahead: int = 100) -> list[Image.Image]:
+    """The images at `reference_indices`; an unreadable one is replaced by the next readable one."""
     split = config.reference_split or config.split
     dataset = load_image_dataset(config, split)
     if isinstance(dataset, IterableDataset):
-        rows = list(dataset.take(max(indices) + 1))
-        size = len(rows)
-    else:
-        size = len(dataset)
-        rows = None
-    for index in indices:
-        if index >= size:
-            raise DataError(f"data.reference_indices: index {index} is past the end of split {split!r} ({size} images)")
-    if rows is not None:
-        return [rows[i][config.image_column] for i in indices]
-    return [dataset[i][config.image_column] for i in indices]
+        dataset = list(dataset.take(max(config.reference_indices) + lookahead))
+    images = []
+    for index in config.reference_indices:
+        if index >= len(dataset):
+            raise DataError(f"data.reference_indices: index {index} is past the end of split {split!r} "
+                            f"({len(dataset)} images)")
+        for candidate in range(index, min(index + lookahead, len(dataset))):
+            value = dataset[candidate][config.image_column]
+            try:
+                images.append(decode_image(value, config.max_image_pixels))
+                break
+            except DECODE_ERRORS:
+                logger.warning("reference image %d (%s) is unreadable; trying image %d", candidate,
+                               _describe(value), candidate + 1)
+        else:
+            raise DataError(f"data.reference_indices: no readable image from index {index} of split {split!r}")
+    return images

@@ -7,6 +7,7 @@ and would then unscale the second player's gradients with a scale they were not 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -56,20 +57,23 @@ class Player:
         """Accumulate this micro-batch's gradient (Accelerate divides by the accumulation steps)."""
         accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
 
-    def step(self, accelerator: Accelerator) -> torch.Tensor | None:
-        """Unscale, clip, update, and clear; returns the pre-clip gradient norm when clipping."""
+    def step(self, accelerator: Accelerator) -> tuple[bool, torch.Tensor]:
+        """Unscale, clip, update unless the gradients are non-finite, clear.
+
+        Returns whether the update happened and the pre-clip gradient norm. Deciding to skip reads
+        the norm on the host: one sync per optimizer step, the same one a GradScaler makes.
+        """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if self.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the update when the gradients hold inf/nan
-            self.scaler.update()
-        else:
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf  # inf: measure only
+        grad_norm = accelerator.clip_grad_norm_(self.parameters, max_norm)
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
             self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update()  # backs the scale off after an overflow, grows it after a clean run
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return finite, grad_norm.detach()
 
     def advance_schedule(self) -> None:
         """One scheduler step per optimizer step of the run, whether or not this player updated."""

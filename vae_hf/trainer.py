@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps; the state was saved before stopping."""
+
+
 @contextlib.contextmanager
 def frozen(module: nn.Module):
     """Use a module as a fixed function: gradient reaches its input, none reaches its parameters."""
@@ -70,6 +74,10 @@ class Trainer:
         self.images_skipped = 0
         self.stop_signal: str | None = None
         self.last_checkpoint_step: int | None = None
+        self.steps_skipped = 0  # VAE updates skipped for non-finite gradients
+        self.disc_steps_skipped = 0
+        self.consecutive_nonfinite = 0
+        self.diverged = False
         self._build_data()
         self._build_models()
         self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints",
@@ -187,7 +195,8 @@ class Trainer:
             g_loss, breakdown = self.generator_loss(images, reconstructions, posterior, disc_active)
         self.vae_player.backward(self.accelerator, g_loss)
         if self.accelerator.sync_gradients:
-            self.vae_player.step(self.accelerator)
+            updated, breakdown["grad_norm"] = self.vae_player.step(self.accelerator)
+            self._count_nonfinite(updated)
         if disc_active:
             breakdown.update(self.discriminator_step(images, reconstructions.detach()))
         return breakdown
@@ -226,10 +235,22 @@ class Trainer:
             logits_fake = player.model(reconstructions)
             d_loss = self.config.loss.disc_loss_weight * discriminator_loss(logits_real, logits_fake, self.config.loss.disc_loss)
         player.backward(self.accelerator, d_loss)
+        breakdown = {"d_loss": d_loss.detach(), "d_real": logits_real.detach().float().mean(),
+                     "d_fake": logits_fake.detach().float().mean()}
         if self.accelerator.sync_gradients:
-            player.step(self.accelerator)
-        return {"d_loss": d_loss.detach(), "d_real": logits_real.detach().float().mean(),
-                "d_fake": logits_fake.detach().float().mean()}
+            updated, breakdown["disc_grad_norm"] = player.step(self.accelerator)
+            self.disc_steps_skipped += int(not updated)
+        return breakdown
+
+    def _count_nonfinite(self, updated: bool) -> None:
+        """A non-finite VAE gradient skips the update; too many in a row stop the run, saved."""
+        self.consecutive_nonfinite = 0 if updated else self.consecutive_nonfinite + 1
+        self.steps_skipped += int(not updated)
+        if not updated:
+            logger.warning("non-finite VAE gradients at step %d: update skipped (%d in a row)",
+                           self.global_step + 1, self.consecutive_nonfinite)
+        if self.consecutive_nonfinite >= self.config.train.max_nonfinite_steps:
+            self.diverged = True
 
     # ----------------------------------------------------------------------------------------------
     # the loop
@@ -302,6 +323,8 @@ class Trainer:
 
     def _after_optimizer_step(self, progress, meter: "_Meter") -> None:
         self.global_step += 1
+        if self.diverged:
+            self._stop_diverged()
         self.vae_player.advance_schedule()
         if self.disc_player is not None:
             self.disc_player.advance_schedule()
@@ -330,12 +353,14 @@ class Trainer:
         return {
             "global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch, "images_skipped": self.images_skipped,
+            "steps_skipped": self.steps_skipped, "disc_steps_skipped": self.disc_steps_skipped,
             "schedulers": {name: p.scheduler.state_dict() for name, p in players.items() if p is not None},
             "scalers": {name: p.scaler.state_dict() for name, p in players.items() if p is not None and p.scaler},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("global_step", "micro_step", "epoch", "batches_in_epoch", "images_skipped"):
+        for key in ("global_step", "micro_step", "epoch", "batches_in_epoch", "images_skipped", "steps_skipped",
+                    "disc_steps_skipped"):
             setattr(self, key, state[key])
         players = {"vae": self.vae_player, "discriminator": self.disc_player}
         for name, scheduler_state in state["schedulers"].items():
@@ -373,6 +398,13 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _stop_diverged(self) -> None:
+        path = self.save_checkpoint()
+        raise TrainingDiverged(
+            f"{self.consecutive_nonfinite} optimizer steps in a row had non-finite gradients (step {self.global_step}); "
+            f"stopped instead of training on garbage. State saved to {path}: lower optim.lr, set optim.max_grad_norm, "
+            f"or use train.mixed_precision=bf16, then resume with train.resume_from=latest")
+
     def _should_stop(self) -> bool:
         """Whether any process was signalled; all processes must stop at the same step to save together."""
         if self.accelerator.num_processes == 1:
@@ -400,6 +432,9 @@ class Trainer:
         if self.disc_player is not None:
             values["disc_lr"] = self.disc_player.lr
         values["images_skipped"] = self.images_skipped
+        values["steps_skipped_nonfinite"] = self.steps_skipped
+        if self.disc_player is not None:
+            values["disc_steps_skipped_nonfinite"] = self.disc_steps_skipped
         values["epoch"] = self.epoch
         self.accelerator.log(values, step=self.global_step)
         shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("rec", "kl", "perceptual", "g_adv", "d_loss")}
