@@ -168,3 +168,38 @@ def test_resume_can_extend_max_steps(images, tmp_path):
     assert trainer.global_step == 2
     trainer.train()
     assert trainer.global_step == 3 and trainer.checkpointer.latest().name == "checkpoint-3"
+
+
+@pytest.mark.parametrize("buffer", [1, 4])
+def test_a_resumed_stream_continues_at_the_right_sample(images, tmp_path, monkeypatch, buffer):
+    """Streaming data (here a local folder read as a stream) resumes mid-epoch where it stopped."""
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def run(name: str, **overrides) -> Trainer:
+        trainer = build(images, tmp_path / name, **{"data.streaming": "true", "data.shuffle_buffer_size": buffer,
+                                                    "data.random_flip": "false", "loss.disc_weight": 0,
+                                                    "train.batch_size": 1, **overrides})
+        real_step = trainer.training_step
+        batches = seen.setdefault(name, [])
+        monkeypatch.setattr(trainer, "training_step", lambda images: batches.append(images.clone()) or real_step(images))
+        trainer.train()
+        return trainer
+
+    run("uninterrupted", **{"train.max_steps": 6})
+    run("first_half", **{"train.max_steps": 3})
+    # the same output folder: resume from the first half's checkpoint at step 3 and go on to 6
+    monkeypatch.setitem(seen, "second_half", [])
+    resumed = build(images, tmp_path / "first_half", **{"data.streaming": "true", "data.shuffle_buffer_size": buffer,
+                                                        "data.random_flip": "false", "loss.disc_weight": 0,
+                                                        "train.batch_size": 1, "train.max_steps": 6,
+                                                        "train.resume_from": "latest"})
+    real_step = resumed.training_step
+    monkeypatch.setattr(resumed, "training_step",
+                        lambda images: seen["second_half"].append(images.clone()) or real_step(images))
+    resumed.train()
+    assert resumed.global_step == 6
+    expected = seen["uninterrupted"]
+    actual = seen["first_half"] + seen["second_half"]
+    assert len(actual) == len(expected) == 6
+    for step, (a, b) in enumerate(zip(actual, expected), start=1):
+        assert torch.equal(a, b), f"step {step} trained on another sample"

@@ -63,8 +63,8 @@ class Checkpointer:
             raise CheckpointError(f"train.resume_from: {path} is not a complete checkpoint folder (no {STATE_FILE})")
         return path
 
-    def save(self, step: int, state: dict[str, Any], shape: dict[str, Any]) -> Path:
-        """Every process calls this (each saves its own RNG state); the main process publishes it."""
+    def save(self, step: int, state: dict[str, Any], shape: dict[str, Any], process_state: dict[str, Any]) -> Path:
+        """Every process calls this (each saves its RNG and `process_state`); the main process publishes it."""
         final = self.folder / f"checkpoint-{step}"
         staging = self.folder / f".checkpoint-{step}.staging"
         try:
@@ -73,6 +73,7 @@ class Checkpointer:
                 staging.mkdir(parents=True)
             self.accelerator.wait_for_everyone()
             self.accelerator.save_state(str(staging), safe_serialization=True)
+            _write_json(staging / f"process_{self.accelerator.process_index}.json", process_state)
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 _write_json(staging / SHAPE_FILE, shape)
@@ -101,8 +102,9 @@ class Checkpointer:
         for old in checkpoints[: max(len(checkpoints) - self.total_limit, 0)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, shape: dict[str, Any]) -> dict[str, Any]:
-        """Refuse a checkpoint of another shape, then restore models, optimizers and RNGs."""
+    def load(self, path: Path, shape: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Refuse a checkpoint of another shape, restore models, optimizers and RNGs, and return the
+        trainer's state and this process's own."""
         saved_shape = json.loads((path / SHAPE_FILE).read_text())
         differences = [f"{key} {saved_shape.get(key)} -> {value}" for key, value in shape.items()
                        if saved_shape.get(key) != value]
@@ -110,8 +112,13 @@ class Checkpointer:
             raise CheckpointError(f"train.resume_from: {path} holds a VAE of another shape ({'; '.join(differences)}); "
                                   "resume with the settings it was trained with, or start a new output_dir")
         state = json.loads((path / STATE_FILE).read_text())
+        saved_processes = state.get("num_processes", 1)
+        if saved_processes != self.accelerator.num_processes:
+            raise CheckpointError(f"train.resume_from: {path} was saved by {saved_processes} processes, this run has "
+                                  f"{self.accelerator.num_processes}; the data position only carries over unchanged")
         self.accelerator.load_state(str(path))
-        return state
+        own = path / f"process_{self.accelerator.process_index}.json"
+        return state, json.loads(own.read_text())
 
 
 def model_shape(vae_config: dict[str, Any], discriminator: dict[str, Any] | None) -> dict[str, Any]:

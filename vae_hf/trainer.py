@@ -18,7 +18,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch import nn
+from datasets import IterableDataset
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from tqdm.auto import tqdm
 
 from vae_hf import data as vae_data
@@ -72,6 +74,7 @@ class Trainer:
         self.epoch = 0
         self.batches_in_epoch = 0  # data position within the epoch, for resuming
         self.images_skipped = 0
+        self._stream_position: dict | None = None  # a resumed stream's loader state, applied on iterating
         self.stop_signal: str | None = None
         self.last_checkpoint_step: int | None = None
         self.steps_skipped = 0  # VAE updates skipped for non-finite gradients
@@ -105,9 +108,11 @@ class Trainer:
     def _build_data(self) -> None:
         config, accelerator = self.config, self.accelerator
         dataset = vae_data.training_dataset(config.data, config.seed, accelerator.process_index, accelerator.num_processes)
-        self.streaming = not hasattr(dataset, "__len__")
+        self.streaming = isinstance(dataset, IterableDataset)
         workers = config.data.num_workers
-        loader = DataLoader(
+        # A stream's position lives in its shards and workers: StatefulDataLoader can save and restore it.
+        loader_class = StatefulDataLoader if self.streaming else DataLoader
+        loader = loader_class(
             dataset,
             batch_size=config.train.batch_size,
             shuffle=not self.streaming,
@@ -303,8 +308,10 @@ class Trainer:
         """This epoch's batches, in an order fixed by (seed, epoch), past the ones already trained on."""
         loader = self.dataloader
         if self.streaming:
-            if hasattr(loader.dataset, "set_epoch"):
-                loader.dataset.set_epoch(self.epoch)  # a new shuffle of the stream each epoch
+            loader.dataset.set_epoch(self.epoch)  # a new shuffle of the stream each epoch
+            if self._stream_position is not None:
+                loader.load_state_dict(self._stream_position)
+                self._stream_position = None
             return loader
         loader.dataset.set_epoch(self.epoch)
         if self.batches_in_epoch > 0:
@@ -351,6 +358,7 @@ class Trainer:
         """What Accelerate's save_state does not hold: counters, data position, schedules, scalers."""
         players = {"vae": self.vae_player, "discriminator": self.disc_player}
         return {
+            "num_processes": self.accelerator.num_processes,
             "global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
             "batches_in_epoch": self.batches_in_epoch, "images_skipped": self.images_skipped,
             "steps_skipped": self.steps_skipped, "disc_steps_skipped": self.disc_steps_skipped,
@@ -369,8 +377,13 @@ class Trainer:
             if players[name].scaler is not None:
                 players[name].scaler.load_state_dict(scaler_state)
 
+    def process_state_dict(self) -> dict:
+        """What differs between processes: each rank's position in its shard of a stream."""
+        return {"stream": self.dataloader.state_dict() if self.streaming else None}
+
     def save_checkpoint(self) -> Path:
-        path = self.checkpointer.save(self.global_step, self.state_dict(), self.model_shape)
+        path = self.checkpointer.save(self.global_step, self.state_dict(), self.model_shape,
+                                      self.process_state_dict())
         self.last_checkpoint_step = self.global_step
         return path
 
@@ -380,7 +393,10 @@ class Trainer:
             if self.is_main:
                 print(f"vae-hf: no checkpoint in {self.checkpointer.folder} yet; starting a new run", flush=True)
             return
-        self.load_state_dict(self.checkpointer.load(path, self.model_shape))
+        state, process_state = self.checkpointer.load(path, self.model_shape)
+        self.load_state_dict(state)
+        if self.streaming and self.batches_in_epoch > 0:
+            self._stream_position = process_state["stream"]
         if self.is_main:
             print(f"vae-hf: resumed from {path} at step {self.global_step} (epoch {self.epoch}, "
                   f"batch {self.batches_in_epoch})", flush=True)
