@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, tiny_overrides, write_images
 from PIL import Image
 
-from conftest import ROOT, tiny_overrides, write_images
 from vae_hf.config import load_config
 from vae_hf.data import DataError
 from vae_hf.trainer import Trainer, TrainingDiverged
@@ -56,7 +56,7 @@ def test_a_folder_with_every_kind_of_bad_file_trains_and_reports_the_skips(tmp_p
     assert "data.max_image_pixels" in warned
 
     trainer.train()
-    assert trainer.global_step == 3 and trainer.images_skipped > 0
+    assert trainer.progress.global_step == 3 and trainer.progress.images_skipped > 0
 
 
 def test_a_folder_of_only_bad_files_stops_before_training(tmp_path):
@@ -82,14 +82,13 @@ def test_an_unreadable_reference_image_falls_forward_to_the_next_readable_one(tm
 def test_non_finite_gradients_skip_the_update_then_stop_the_run_saved(tmp_path, monkeypatch):
     images = tmp_path / "images"
     write_images(images, 8)
-    trainer = build(images, tmp_path, **{"train.max_steps": 20, "train.max_nonfinite_steps": 3,
-                                         "loss.disc_weight": 0})
+    trainer = build(images, tmp_path, **{"train.max_steps": 20, "train.max_nonfinite_steps": 3, "loss.disc_weight": 0})
     real_loss = trainer.generator_loss
     poisoned_from = 2  # steps 1 and 2 are fine; from the third on the loss is NaN
 
     def generator_loss(*args, **kwargs):
         g_loss, breakdown = real_loss(*args, **kwargs)
-        return (g_loss * float("nan") if trainer.global_step >= poisoned_from else g_loss), breakdown
+        return (g_loss * float("nan") if trainer.progress.global_step >= poisoned_from else g_loss), breakdown
 
     monkeypatch.setattr(trainer, "generator_loss", generator_loss)
     weights = {}
@@ -97,12 +96,12 @@ def test_non_finite_gradients_skip_the_update_then_stop_the_run_saved(tmp_path, 
 
     def after_step(progress, meter):
         real_after(progress, meter)
-        weights[trainer.global_step] = trainer.vae.decoder.conv_out.weight.detach().clone()
+        weights[trainer.progress.global_step] = trainer.vae.decoder.conv_out.weight.detach().clone()
 
     monkeypatch.setattr(trainer, "_after_optimizer_step", after_step)
     with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row"):
         trainer.train()
-    assert trainer.steps_skipped == 3 and trainer.global_step == 5
+    assert trainer.progress.steps_skipped == 3 and trainer.progress.global_step == 5
     assert torch.isfinite(trainer.vae.decoder.conv_out.weight).all()
     assert torch.equal(trainer.vae.decoder.conv_out.weight, weights[2])  # nothing changed after step 2
     assert trainer.checkpointer.latest().name == "checkpoint-5"

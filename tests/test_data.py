@@ -77,7 +77,7 @@ def test_random_flip_follows_the_torch_seed():
     first = [transform(image) for _ in range(6)]
     torch.manual_seed(0)
     second = [transform(image) for _ in range(6)]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
     unflipped = ImageTransform(resolution=16, center_crop=True)(image)
     assert any(torch.equal(a, unflipped) for a in first)
     assert any(torch.equal(a, unflipped.flip(-1)) for a in first)
@@ -91,8 +91,15 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     processor = ExampleProcessor("image", ImageTransform(8))
-    rows = processor({"image": [{"path": str(good), "bytes": None}, {"path": str(bad), "bytes": None},
-                                {"path": str(empty), "bytes": None}]})
+    rows = processor(
+        {
+            "image": [
+                {"path": str(good), "bytes": None},
+                {"path": str(bad), "bytes": None},
+                {"path": str(empty), "bytes": None},
+            ]
+        }
+    )
     batch = collate([{"pixel_values": value} for value in rows["pixel_values"]])
     assert batch["pixel_values"].shape == (1, 3, 8, 8)
     assert batch["num_skipped"] == 2

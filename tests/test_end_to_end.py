@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, tiny_overrides
+from PIL import Image
 
 
 def run(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -27,8 +26,16 @@ def trained_run(tmp_path_factory) -> Path:
     images = base / "images"
     write_images(images, 8)
     output_dir = base / "run"
-    overrides = tiny_overrides(images, output_dir, **{"train.max_steps": 3, "train.sample_every_steps": 2,
-                                                      "loss.disc_start_step": 1, "train.report_to": "tensorboard"})
+    overrides = tiny_overrides(
+        images,
+        output_dir,
+        **{
+            "train.max_steps": 3,
+            "train.sample_every_steps": 2,
+            "loss.disc_start_step": 1,
+            "train.report_to": "tensorboard",
+        },
+    )
     result = run([sys.executable, "train_autoencoder.py", "--config", "configs/demo.yaml", *overrides])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "VAE saved to" in result.stdout
@@ -42,7 +49,10 @@ def test_training_writes_config_samples_logs_and_vae(trained_run):
     with Image.open(trained_run / "samples" / "step-0000001.png") as sample:
         assert sample.size == (2 * 32, 32)  # original | reconstruction
     assert any((trained_run / "logs").rglob("events.out.tfevents.*"))
-    assert sorted(p.name for p in (trained_run / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert sorted(p.name for p in (trained_run / "vae").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     assert not list(trained_run.glob(".vae.*"))  # no staging folder left behind
 
 
@@ -70,18 +80,31 @@ def test_exported_vae_decodes_inside_a_stable_diffusion_pipeline(trained_run):
     vae = AutoencoderKL.from_pretrained(trained_run / "vae")
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=32,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=32,
     )
     pipe = StableDiffusionPipeline(
-        vae=vae, unet=unet, scheduler=DDIMScheduler(), text_encoder=None, tokenizer=None,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+        text_encoder=None,
+        tokenizer=None,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     assert pipe.vae is vae and pipe.vae_scale_factor == 2
     prompt_embeds = torch.randn(1, 4, 32)  # stands in for a text encoder: nothing to download
-    image = pipe(prompt_embeds=prompt_embeds, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
-                 output_type="np").images
+    image = pipe(
+        prompt_embeds=prompt_embeds, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="np"
+    ).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
@@ -93,8 +116,10 @@ def test_console_script_trains(tmp_path, image_folder):
     assert (tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("override, key", [("train.max_stepz=3", "train.max_stepz"), ("optim.lr=-1", "optim.lr"),
-                                           ("data.resolution=30", "data.resolution")])
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.max_stepz=3", "train.max_stepz"), ("optim.lr=-1", "optim.lr"), ("data.resolution=30", "data.resolution")],
+)
 def test_bad_config_is_refused_before_any_compute(tmp_path, override, key):
     output_dir = tmp_path / "run"
     result = run([sys.executable, "train_autoencoder.py", f"output_dir={output_dir}", override])
@@ -105,8 +130,15 @@ def test_bad_config_is_refused_before_any_compute(tmp_path, override, key):
 
 
 def test_missing_dataset_folder_is_one_line(tmp_path):
-    result = run([sys.executable, "train_autoencoder.py", f"output_dir={tmp_path / 'run'}",
-                  f"data.dataset={tmp_path / 'missing'}", "loss.perceptual_pretrained=false"])
+    result = run(
+        [
+            sys.executable,
+            "train_autoencoder.py",
+            f"output_dir={tmp_path / 'run'}",
+            f"data.dataset={tmp_path / 'missing'}",
+            "loss.perceptual_pretrained=false",
+        ]
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("vae-hf: error: data.dataset")
 
@@ -115,12 +147,23 @@ def test_demo_without_vgg_weights_stops_at_once_naming_the_override(tmp_path):
     """Offline (as here and in CI) the pretrained LPIPS trunk cannot be fetched: say so, instantly."""
     env_home = tmp_path / "torch_home"  # an empty cache, whatever this machine has downloaded
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", (
-        "import sys, vae_hf.perceptual as p, vae_hf.hub as h;"
-        "p.unreachable_reason = lambda url, timeout_s=5.0: 'cannot reach download.pytorch.org: offline';"
-        "from vae_hf.cli import train_main; sys.exit(train_main([f'output_dir={sys.argv[1]}']))"),
-        str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**__import__("os").environ, "TORCH_HOME": str(env_home)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, vae_hf.perceptual as p, vae_hf.hub as h;"
+                "p.unreachable_reason = lambda url, timeout_s=5.0: 'cannot reach download.pytorch.org: offline';"
+                "from vae_hf.cli import train_main; sys.exit(train_main([f'output_dir={sys.argv[1]}']))"
+            ),
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "TORCH_HOME": str(env_home)},
+    )
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
     assert "loss.perceptual_pretrained=false" in message and "VGG16" in message

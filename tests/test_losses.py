@@ -71,7 +71,9 @@ def test_vanilla_values_on_known_logits():
     assert generator_adversarial_loss(LOGITS_FAKE, "vanilla").item() == pytest.approx(expected_g, rel=1e-6)
     real = sum(softplus(-x) for x in LOGITS_REAL.tolist()) / 3
     fake = sum(softplus(x) for x in LOGITS_FAKE.tolist()) / 3
-    assert discriminator_loss(LOGITS_REAL, LOGITS_FAKE, "vanilla").item() == pytest.approx(0.5 * (real + fake), rel=1e-6)
+    assert discriminator_loss(LOGITS_REAL, LOGITS_FAKE, "vanilla").item() == pytest.approx(
+        0.5 * (real + fake), rel=1e-6
+    )
 
 
 def test_adaptive_weight_is_the_ratio_of_gradient_norms_on_the_last_layer():

@@ -1,6 +1,5 @@
 """Never lose a run: kill it, resume it, and end where an uninterrupted run ends."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -9,24 +8,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, tiny_overrides, write_images
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_overrides, write_images
-from vae_hf.checkpointing import STATE_FILE, CheckpointError, Checkpointer
+from vae_hf.checkpointing import STATE_FILE, Checkpointer, CheckpointError
 from vae_hf.config import load_config
 from vae_hf.trainer import Trainer
 
 # 8 images, batches of 2, 2 micro-batches a step: 2 steps an epoch, so 6 steps cross two epoch ends,
 # and a checkpoint every 3 steps falls mid-epoch. Random crops, flips, posterior noise and the
 # discriminator (from step 2) are all on: each must continue exactly after a resume.
-RECIPE = {"train.max_steps": 6, "train.gradient_accumulation_steps": 2, "train.checkpoint_every_steps": 3,
-          "loss.disc_start_step": 2, "data.center_crop": "false", "data.random_flip": "true",
-          "data.num_workers": 1}
+RECIPE = {
+    "train.max_steps": 6,
+    "train.gradient_accumulation_steps": 2,
+    "train.checkpoint_every_steps": 3,
+    "loss.disc_start_step": 2,
+    "data.center_crop": "false",
+    "data.random_flip": "true",
+    "data.num_workers": 1,
+}
 
 
 def command(images: Path, output_dir: Path, **extra) -> list[str]:
-    return [sys.executable, "train_autoencoder.py", "--config", "configs/demo.yaml",
-            *tiny_overrides(images, output_dir, **{**RECIPE, **extra})]
+    return [
+        sys.executable,
+        "train_autoencoder.py",
+        "--config",
+        "configs/demo.yaml",
+        *tiny_overrides(images, output_dir, **{**RECIPE, **extra}),
+    ]
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -61,16 +71,22 @@ def uninterrupted(images, tmp_path_factory) -> Path:
 
 def test_resume_after_sigkill_matches_the_uninterrupted_run(images, uninterrupted, tmp_path):
     output_dir = tmp_path / "run"
-    process = subprocess.Popen(command(images, output_dir), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(images, output_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(output_dir / "checkpoints" / "checkpoint-3" / STATE_FILE, process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     killed_at = Checkpointer(None, output_dir / "checkpoints").latest()
     assert killed_at is not None and not (output_dir / "checkpoints" / "checkpoint-6").exists()
 
-    resumed = subprocess.run(command(images, output_dir, **{"train.resume_from": "latest"}), cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        command(images, output_dir, **{"train.resume_from": "latest"}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {killed_at}" in resumed.stdout
     expected, actual = final_weights(uninterrupted), final_weights(output_dir)
@@ -86,8 +102,13 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(images, uninterrupte
 
 def test_sigterm_saves_a_resumable_checkpoint_and_says_how_to_resume(images, tmp_path):
     output_dir = tmp_path / "run"
-    process = subprocess.Popen(command(images, output_dir, **{"train.max_steps": 200, "train.sample_every_steps": 1}),
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(images, output_dir, **{"train.max_steps": 200, "train.sample_every_steps": 1}),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(output_dir / "samples" / "step-0000002.png", process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
@@ -97,9 +118,13 @@ def test_sigterm_saves_a_resumable_checkpoint_and_says_how_to_resume(images, tmp
     step = int(saved.name.split("-")[1])
     assert 2 <= step < 200
 
-    resumed = subprocess.run(command(images, output_dir, **{"train.resume_from": "latest",
-                                                             "train.max_steps": step + 2}),
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        command(images, output_dir, **{"train.resume_from": "latest", "train.max_steps": step + 2}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert Checkpointer(None, output_dir / "checkpoints").latest().name == f"checkpoint-{step + 2}"
 
@@ -109,8 +134,11 @@ def build(images: Path, output_dir: Path, **overrides) -> Trainer:
 
 
 def test_rotation_keeps_the_newest_checkpoints(images, tmp_path):
-    trainer = build(images, tmp_path / "run", **{"train.max_steps": 4, "train.checkpoint_every_steps": 1,
-                                                 "train.checkpoints_total_limit": 2})
+    trainer = build(
+        images,
+        tmp_path / "run",
+        **{"train.max_steps": 4, "train.checkpoint_every_steps": 1, "train.checkpoints_total_limit": 2},
+    )
     trainer.train()
     names = [path.name for path in trainer.checkpointer.complete()]
     assert names == ["checkpoint-3", "checkpoint-4"]
@@ -127,7 +155,7 @@ def test_a_crash_while_writing_leaves_latest_on_the_previous_checkpoint(images, 
         raise KeyboardInterrupt  # the process dies mid-write
 
     monkeypatch.setattr(trainer.accelerator, "save_state", crash_midway)
-    trainer.global_step = 2
+    trainer.progress.global_step = 2
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     assert trainer.checkpointer.latest() == previous
@@ -142,7 +170,7 @@ def test_a_full_disk_is_a_clear_error_that_keeps_the_previous_checkpoint(images,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(trainer.accelerator, "save_state", disk_full)
-    trainer.global_step = 2
+    trainer.progress.global_step = 2
     with pytest.raises(CheckpointError, match="No space left on device.*checkpoint-1 is intact"):
         trainer.save_checkpoint()
     assert trainer.checkpointer.latest().name == "checkpoint-1"
@@ -157,7 +185,7 @@ def test_resuming_with_another_model_shape_is_refused(images, tmp_path):
 
 def test_resume_latest_without_checkpoints_starts_fresh_and_a_bad_path_is_refused(images, tmp_path):
     trainer = build(images, tmp_path / "run", **{"train.resume_from": "latest"})
-    assert trainer.global_step == 0
+    assert trainer.progress.global_step == 0
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         build(images, tmp_path / "other", **{"train.resume_from": str(tmp_path / "nowhere")})
 
@@ -165,9 +193,9 @@ def test_resume_latest_without_checkpoints_starts_fresh_and_a_bad_path_is_refuse
 def test_resume_can_extend_max_steps(images, tmp_path):
     build(images, tmp_path / "run", **{"train.max_steps": 2}).train()
     trainer = build(images, tmp_path / "run", **{"train.max_steps": 3, "train.resume_from": "latest"})
-    assert trainer.global_step == 2
+    assert trainer.progress.global_step == 2
     trainer.train()
-    assert trainer.global_step == 3 and trainer.checkpointer.latest().name == "checkpoint-3"
+    assert trainer.progress.global_step == 3 and trainer.checkpointer.latest().name == "checkpoint-3"
 
 
 @pytest.mark.parametrize("buffer", [1, 4])
@@ -176,12 +204,23 @@ def test_a_resumed_stream_continues_at_the_right_sample(images, tmp_path, monkey
     seen: dict[str, list[torch.Tensor]] = {}
 
     def run(name: str, **overrides) -> Trainer:
-        trainer = build(images, tmp_path / name, **{"data.streaming": "true", "data.shuffle_buffer_size": buffer,
-                                                    "data.random_flip": "false", "loss.disc_weight": 0,
-                                                    "train.batch_size": 1, **overrides})
+        trainer = build(
+            images,
+            tmp_path / name,
+            **{
+                "data.streaming": "true",
+                "data.shuffle_buffer_size": buffer,
+                "data.random_flip": "false",
+                "loss.disc_weight": 0,
+                "train.batch_size": 1,
+                **overrides,
+            },
+        )
         real_step = trainer.training_step
         batches = seen.setdefault(name, [])
-        monkeypatch.setattr(trainer, "training_step", lambda images: batches.append(images.clone()) or real_step(images))
+        monkeypatch.setattr(
+            trainer, "training_step", lambda images: batches.append(images.clone()) or real_step(images)
+        )
         trainer.train()
         return trainer
 
@@ -189,17 +228,27 @@ def test_a_resumed_stream_continues_at_the_right_sample(images, tmp_path, monkey
     run("first_half", **{"train.max_steps": 3})
     # the same output folder: resume from the first half's checkpoint at step 3 and go on to 6
     monkeypatch.setitem(seen, "second_half", [])
-    resumed = build(images, tmp_path / "first_half", **{"data.streaming": "true", "data.shuffle_buffer_size": buffer,
-                                                        "data.random_flip": "false", "loss.disc_weight": 0,
-                                                        "train.batch_size": 1, "train.max_steps": 6,
-                                                        "train.resume_from": "latest"})
+    resumed = build(
+        images,
+        tmp_path / "first_half",
+        **{
+            "data.streaming": "true",
+            "data.shuffle_buffer_size": buffer,
+            "data.random_flip": "false",
+            "loss.disc_weight": 0,
+            "train.batch_size": 1,
+            "train.max_steps": 6,
+            "train.resume_from": "latest",
+        },
+    )
     real_step = resumed.training_step
-    monkeypatch.setattr(resumed, "training_step",
-                        lambda images: seen["second_half"].append(images.clone()) or real_step(images))
+    monkeypatch.setattr(
+        resumed, "training_step", lambda images: seen["second_half"].append(images.clone()) or real_step(images)
+    )
     resumed.train()
-    assert resumed.global_step == 6
+    assert resumed.progress.global_step == 6
     expected = seen["uninterrupted"]
     actual = seen["first_half"] + seen["second_half"]
     assert len(actual) == len(expected) == 6
-    for step, (a, b) in enumerate(zip(actual, expected), start=1):
+    for step, (a, b) in enumerate(zip(actual, expected, strict=True), start=1):
         assert torch.equal(a, b), f"step {step} trained on another sample"

@@ -3,8 +3,8 @@ and gradient accumulation equal to one large batch."""
 
 import pytest
 import torch
-
 from conftest import tiny_overrides
+
 from vae_hf.config import load_config
 from vae_hf.trainer import Trainer
 
@@ -34,8 +34,9 @@ def count_calls(module: torch.nn.Module) -> list[int]:
 
 
 def test_lpips_sends_gradient_to_the_decoder(image_folder, tmp_path):
-    trainer = build(image_folder, tmp_path, **{"loss.reconstruction_weight": 0, "loss.kl_weight": 0,
-                                               "loss.disc_weight": 0})
+    trainer = build(
+        image_folder, tmp_path, **{"loss.reconstruction_weight": 0, "loss.kl_weight": 0, "loss.disc_weight": 0}
+    )
     images = first_images(trainer)
     reconstructions, posterior = trainer.vae_player.model(images)
     g_loss, breakdown = trainer.generator_loss(images, reconstructions, posterior, disc_active=False)
@@ -48,16 +49,20 @@ def test_lpips_sends_gradient_to_the_decoder(image_folder, tmp_path):
 
 
 def test_no_discriminator_work_before_disc_start_step(image_folder, tmp_path):
-    trainer = build(image_folder, tmp_path, **{"loss.disc_start_step": 3, "train.max_steps": 2,
-                                               "model.sample_posterior": "false"})
+    trainer = build(
+        image_folder, tmp_path, **{"loss.disc_start_step": 3, "train.max_steps": 2, "model.sample_posterior": "false"}
+    )
     calls = count_calls(trainer.discriminator)
     disc_before = snapshot(trainer.discriminator)
     trainer.train()
     assert calls[0] == 0
     assert changed(disc_before, trainer.discriminator) == set()
     # and no adversarial gradient reached the VAE: it trained exactly as without any discriminator
-    reference = build(image_folder, tmp_path / "reference", **{"loss.disc_weight": 0, "train.max_steps": 2,
-                                                                "model.sample_posterior": "false"})
+    reference = build(
+        image_folder,
+        tmp_path / "reference",
+        **{"loss.disc_weight": 0, "train.max_steps": 2, "model.sample_posterior": "false"},
+    )
     reference.train()
     for name, value in reference.vae.state_dict().items():
         assert torch.equal(value, trainer.vae.state_dict()[name]), name
@@ -101,9 +106,19 @@ def test_adaptive_weight_is_computed_only_when_the_discriminator_is_on(image_fol
 
     weights = []
     real = trainer_module.adaptive_disc_weight
-    monkeypatch.setattr(trainer_module, "adaptive_disc_weight", lambda *a, **k: weights.append(real(*a, **k)) or weights[-1])
-    trainer = build(image_folder, tmp_path, **{"loss.adaptive_disc_weight": "true", "loss.disc_start_step": 2,
-                                               "loss.disc_loss": "hinge", "train.max_steps": 3})
+    monkeypatch.setattr(
+        trainer_module, "adaptive_disc_weight", lambda *a, **k: weights.append(real(*a, **k)) or weights[-1]
+    )
+    trainer = build(
+        image_folder,
+        tmp_path,
+        **{
+            "loss.adaptive_disc_weight": "true",
+            "loss.disc_start_step": 2,
+            "loss.disc_loss": "hinge",
+            "train.max_steps": 3,
+        },
+    )
     trainer.train()
     assert len(weights) == 1 and weights[0] > 0
 
@@ -126,8 +141,12 @@ def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, mo
 
     monkeypatch.setattr(Player, "step", recording_step)
     common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
-    build(image_folder, tmp_path / "a", **common, **{"train.batch_size": 1, "train.gradient_accumulation_steps": 4}).train()
-    build(image_folder, tmp_path / "b", **common, **{"train.batch_size": 4, "train.gradient_accumulation_steps": 1}).train()
+    build(
+        image_folder, tmp_path / "a", **common, **{"train.batch_size": 1, "train.gradient_accumulation_steps": 4}
+    ).train()
+    build(
+        image_folder, tmp_path / "b", **common, **{"train.batch_size": 4, "train.gradient_accumulation_steps": 1}
+    ).train()
     accumulated, large = applied
     scale = max(g.abs().max().item() for g in large)
     assert scale > 0
@@ -137,8 +156,9 @@ def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, mo
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_keeps_fp32_master_weights(image_folder, tmp_path, precision):
-    trainer = build(image_folder, tmp_path, **{"train.mixed_precision": precision, "loss.disc_start_step": 1,
-                                               "train.max_steps": 3})
+    trainer = build(
+        image_folder, tmp_path, **{"train.mixed_precision": precision, "loss.disc_start_step": 1, "train.max_steps": 3}
+    )
     vae_before = snapshot(trainer.vae)
     trainer.train()
     for module in (trainer.vae, trainer.discriminator):
@@ -168,8 +188,11 @@ def test_decoder_only_training_leaves_the_encoder_untouched(image_folder, tmp_pa
 
 
 def test_learning_rate_warmup_follows_optimizer_steps(image_folder, tmp_path):
-    trainer = build(image_folder, tmp_path, **{"optim.warmup_steps": 4, "optim.lr": 1e-3, "train.max_steps": 2,
-                                               "loss.disc_weight": 0})
+    trainer = build(
+        image_folder,
+        tmp_path,
+        **{"optim.warmup_steps": 4, "optim.lr": 1e-3, "train.max_steps": 2, "loss.disc_weight": 0},
+    )
     assert trainer.vae_player.lr == 0.0
     trainer.train()
     assert trainer.vae_player.lr == pytest.approx(2 / 4 * 1e-3)

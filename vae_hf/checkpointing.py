@@ -25,9 +25,19 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 SHAPE_FILE = "model_shape.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-SHAPE_KEYS = ("in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-              "layers_per_block", "latent_channels", "norm_num_groups", "use_quant_conv", "use_post_quant_conv",
-              "mid_block_add_attention")
+SHAPE_KEYS = (
+    "in_channels",
+    "out_channels",
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "use_quant_conv",
+    "use_post_quant_conv",
+    "mid_block_add_attention",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -106,16 +116,21 @@ class Checkpointer:
         """Refuse a checkpoint of another shape, restore models, optimizers and RNGs, and return the
         trainer's state and this process's own."""
         saved_shape = json.loads((path / SHAPE_FILE).read_text())
-        differences = [f"{key} {saved_shape.get(key)} -> {value}" for key, value in shape.items()
-                       if saved_shape.get(key) != value]
+        differences = [
+            f"{key} {saved_shape.get(key)} -> {value}" for key, value in shape.items() if saved_shape.get(key) != value
+        ]
         if differences:
-            raise CheckpointError(f"train.resume_from: {path} holds a VAE of another shape ({'; '.join(differences)}); "
-                                  "resume with the settings it was trained with, or start a new output_dir")
+            raise CheckpointError(
+                f"train.resume_from: {path} holds a VAE of another shape ({'; '.join(differences)}); "
+                "resume with the settings it was trained with, or start a new output_dir"
+            )
         state = json.loads((path / STATE_FILE).read_text())
         saved_processes = state.get("num_processes", 1)
         if saved_processes != self.accelerator.num_processes:
-            raise CheckpointError(f"train.resume_from: {path} was saved by {saved_processes} processes, this run has "
-                                  f"{self.accelerator.num_processes}; the data position only carries over unchanged")
+            raise CheckpointError(
+                f"train.resume_from: {path} was saved by {saved_processes} processes, this run has "
+                f"{self.accelerator.num_processes}; the data position only carries over unchanged"
+            )
         self.accelerator.load_state(str(path))
         own = path / f"process_{self.accelerator.process_index}.json"
         return state, json.loads(own.read_text())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 
 from vae_hf.checkpointing import CheckpointError
@@ -19,8 +18,12 @@ USER_ERRORS = (ConfigError, DataError, ModelLoadError, OfflineError, CheckpointE
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="YAML recipe (default: configs/demo.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. train.max_steps=20 model.block_out_channels=[32,64]")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.max_steps=20 model.block_out_channels=[32,64]",
+    )
 
 
 def run_train(config_path: str | None, overrides: list[str]) -> int:
@@ -29,7 +32,7 @@ def run_train(config_path: str | None, overrides: list[str]) -> int:
     trainer = Trainer(config)
     trainer.train()
     if trainer.stop_signal is not None:  # saved and stopped early: not a finished run
-        return 128 + int(getattr(signal, trainer.stop_signal, signal.SIGTERM))
+        return trainer.stop_request.exit_status
     return 0
 
 

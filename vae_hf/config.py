@@ -188,7 +188,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         if self.disc_lr is not None:
-            _require(math.isfinite(self.disc_lr) and self.disc_lr > 0, "optim.disc_lr", f"must be > 0, got {self.disc_lr}")
+            _require(
+                math.isfinite(self.disc_lr) and self.disc_lr > 0, "optim.disc_lr", f"must be > 0, got {self.disc_lr}"
+            )
         _require(len(self.betas) == 2, "optim.betas", f"needs two values, got {list(self.betas)}")
         for beta in self.betas:
             _require(0 <= beta < 1, "optim.betas", f"each beta must be in [0, 1), got {beta}")

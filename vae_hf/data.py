@@ -18,6 +18,8 @@ import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from vae_hf.config import DataConfig
@@ -41,19 +43,28 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
     """The configured split with its image column left undecoded (paths or bytes)."""
     split = split or config.split
     if is_local(config.dataset):
-        dataset = _load(lambda: load_dataset("imagefolder", data_dir=str(Path(config.dataset).expanduser()),
-                                             split=split, streaming=config.streaming), config.dataset, split)
+        dataset = _load(
+            lambda: load_dataset(
+                "imagefolder", data_dir=str(Path(config.dataset).expanduser()), split=split, streaming=config.streaming
+            ),
+            config.dataset,
+            split,
+        )
     else:
         if Path(config.dataset).expanduser().exists() or config.dataset.startswith((".", "/", "~")):
             raise DataError(f"data.dataset: {config.dataset} is not a folder")
-        require_hub(f"data.dataset={config.dataset}",
-                    "Use a local image folder, or pre-download the dataset and set HF_DATASETS_OFFLINE=1.")
-        dataset = _load(lambda: load_dataset(config.dataset, split=split, streaming=config.streaming),
-                        config.dataset, split)
+        require_hub(
+            f"data.dataset={config.dataset}",
+            "Use a local image folder, or pre-download the dataset and set HF_DATASETS_OFFLINE=1.",
+        )
+        dataset = _load(
+            lambda: load_dataset(config.dataset, split=split, streaming=config.streaming), config.dataset, split
+        )
     columns = dataset.column_names or list(dataset.features or {})
     if config.image_column not in columns:
-        raise DataError(f"data.image_column: no column {config.image_column!r} in {config.dataset} "
-                        f"(columns: {', '.join(columns)})")
+        raise DataError(
+            f"data.image_column: no column {config.image_column!r} in {config.dataset} (columns: {', '.join(columns)})"
+        )
     return dataset.cast_column(config.image_column, ImageFeature(decode=False))
 
 
@@ -134,8 +145,9 @@ def sample_seed(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
-def try_transform(value: Any, transform: ImageTransform, generator: torch.Generator | None = None,
-                  max_pixels: int | None = None) -> torch.Tensor | None:
+def try_transform(
+    value: Any, transform: ImageTransform, generator: torch.Generator | None = None, max_pixels: int | None = None
+) -> torch.Tensor | None:
     """Decode and transform one stored image; None (with a warning naming it) when it is unreadable."""
     try:
         return transform(decode_image(value, max_pixels), generator)
@@ -153,8 +165,9 @@ class ImageDataset(torch.utils.data.Dataset):
     or not the run was interrupted and resumed.
     """
 
-    def __init__(self, dataset: Dataset, image_column: str, transform: ImageTransform, seed: int,
-                 max_pixels: int | None = None):
+    def __init__(
+        self, dataset: Dataset, image_column: str, transform: ImageTransform, seed: int, max_pixels: int | None = None
+    ):
         self.dataset, self.image_column, self.transform, self.seed = dataset, image_column, transform, seed
         self.max_pixels = max_pixels
         self.epoch = 0
@@ -180,8 +193,11 @@ class ExampleProcessor:
     max_pixels: int | None = None
 
     def __call__(self, examples: dict[str, list]) -> dict[str, list]:
-        return {"pixel_values": [try_transform(value, self.transform, None, self.max_pixels)
-                                 for value in examples[self.image_column]]}
+        return {
+            "pixel_values": [
+                try_transform(value, self.transform, None, self.max_pixels) for value in examples[self.image_column]
+            ]
+        }
 
 
 def _describe(value: Any) -> str:
@@ -197,7 +213,9 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pixel_values": pixel_values, "num_skipped": len(rows) - len(images)}
 
 
-def training_dataset(config: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> ImageDataset | IterableDataset:
+def training_dataset(
+    config: DataConfig, seed: int, rank: int = 0, world_size: int = 1
+) -> ImageDataset | IterableDataset:
     """The training split, transformed lazily; streaming data is shuffled in a buffer and split by rank."""
     dataset = load_image_dataset(config)
     transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
@@ -227,6 +245,29 @@ def require_a_usable_image(dataset: Dataset, config: DataConfig, limit: int = 10
     raise DataError(f"data.dataset: no usable image in {config.dataset}: none of {where} files decodes")
 
 
+def build_dataloader(
+    dataset: ImageDataset | IterableDataset, config: DataConfig, batch_size: int, seed: int, pin_memory: bool = False
+) -> DataLoader:
+    """Shuffled, seeded batches; a stream gets a StatefulDataLoader, whose position can be saved."""
+    streaming = isinstance(dataset, IterableDataset)
+    loader = (StatefulDataLoader if streaming else DataLoader)(
+        dataset,
+        batch_size=batch_size,
+        shuffle=not streaming,
+        num_workers=config.num_workers,
+        collate_fn=collate,
+        drop_last=not streaming,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # rebuilt each epoch, so workers see the dataset's new epoch
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG out of loading
+    )
+    if not streaming and len(loader) == 0:
+        raise DataError(
+            f"data.dataset: {len(dataset)} images are fewer than one batch of train.batch_size={batch_size}"
+        )
+    return loader
+
+
 def reference_images(config: DataConfig) -> torch.Tensor:
     """The fixed images shown in every sample PNG, centre-cropped and unflipped: (N, 3, R, R)."""
     transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
@@ -252,16 +293,18 @@ def _readable_rows(config: DataConfig, lookahead: int = 100) -> list[Image.Image
     images = []
     for index in config.reference_indices:
         if index >= len(dataset):
-            raise DataError(f"data.reference_indices: index {index} is past the end of split {split!r} "
-                            f"({len(dataset)} images)")
+            raise DataError(
+                f"data.reference_indices: index {index} is past the end of split {split!r} ({len(dataset)} images)"
+            )
         for candidate in range(index, min(index + lookahead, len(dataset))):
             value = dataset[candidate][config.image_column]
             try:
                 images.append(decode_image(value, config.max_image_pixels))
                 break
             except DECODE_ERRORS:
-                logger.warning("reference image %d (%s) is unreadable; trying image %d", candidate,
-                               _describe(value), candidate + 1)
+                logger.warning(
+                    "reference image %d (%s) is unreadable; trying image %d", candidate, _describe(value), candidate + 1
+                )
         else:
             raise DataError(f"data.reference_indices: no readable image from index {index} of split {split!r}")
     return images

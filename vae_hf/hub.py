@@ -20,8 +20,10 @@ class OfflineError(RuntimeError):
 
 def hub_offline_mode() -> bool:
     """True when the user asked the HF libraries to use their caches only."""
-    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
-               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def unreachable_reason(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:

@@ -31,8 +31,9 @@ def build_optimizer(parameters: list[nn.Parameter], config: OptimConfig, lr: flo
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):
     """Linear warm-up over `warmup_steps`, then constant, cosine or linear decay to the last step."""
-    return get_scheduler(SCHEDULES[config.lr_scheduler], optimizer,
-                         num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(
+        SCHEDULES[config.lr_scheduler], optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
+    )
 
 
 @dataclass

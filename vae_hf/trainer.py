@@ -10,17 +10,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from torch import nn
 from datasets import IterableDataset
-from torch.utils.data import DataLoader
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch import nn
 from tqdm.auto import tqdm
 
 from vae_hf import data as vae_data
@@ -35,10 +31,13 @@ from vae_hf.losses import (
     kl_loss,
     reconstruction_loss,
 )
+from vae_hf.meter import LossMeter
 from vae_hf.model import VAETrainingModule, build_vae, decoder_last_layer
 from vae_hf.optimization import Player, build_optimizer, build_scheduler
 from vae_hf.perceptual import build_lpips, perceptual_loss, require_vgg_weights
+from vae_hf.progress import TrainProgress
 from vae_hf.samples import save_sample
+from vae_hf.signals import StopRequest
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def frozen(module: nn.Module):
     try:
         yield module
     finally:
-        for parameter, flag in zip(module.parameters(), flags):
+        for parameter, flag in zip(module.parameters(), flags, strict=True):
             parameter.requires_grad_(flag)
 
 
@@ -69,22 +68,17 @@ class Trainer:
             require_vgg_weights()  # fail in a second, not after the data and models are built
         self.accelerator = self._build_accelerator()
         set_seed(config.seed)
-        self.global_step = 0  # optimizer steps done
-        self.micro_step = 0  # micro-batches done (seeds the posterior noise)
-        self.epoch = 0
-        self.batches_in_epoch = 0  # data position within the epoch, for resuming
-        self.images_skipped = 0
+        self.progress = TrainProgress()
         self._stream_position: dict | None = None  # a resumed stream's loader state, applied on iterating
-        self.stop_signal: str | None = None
+        self.stop_request = StopRequest()
         self.last_checkpoint_step: int | None = None
-        self.steps_skipped = 0  # VAE updates skipped for non-finite gradients
-        self.disc_steps_skipped = 0
         self.consecutive_nonfinite = 0
         self.diverged = False
         self._build_data()
         self._build_models()
-        self.checkpointer = Checkpointer(self.accelerator, self.output_dir / "checkpoints",
-                                         config.train.checkpoints_total_limit)
+        self.checkpointer = Checkpointer(
+            self.accelerator, self.output_dir / "checkpoints", config.train.checkpoints_total_limit
+        )
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
         self._log_start()
@@ -100,33 +94,21 @@ class Trainer:
             gradient_accumulation_steps=config.train.gradient_accumulation_steps,
             mixed_precision="no",
             log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
-                                                logging_dir=str(self.output_dir / "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
 
     def _build_data(self) -> None:
         config, accelerator = self.config, self.accelerator
-        dataset = vae_data.training_dataset(config.data, config.seed, accelerator.process_index, accelerator.num_processes)
-        self.streaming = isinstance(dataset, IterableDataset)
-        workers = config.data.num_workers
-        # A stream's position lives in its shards and workers: StatefulDataLoader can save and restore it.
-        loader_class = StatefulDataLoader if self.streaming else DataLoader
-        loader = loader_class(
-            dataset,
-            batch_size=config.train.batch_size,
-            shuffle=not self.streaming,
-            num_workers=workers,
-            collate_fn=vae_data.collate,
-            drop_last=not self.streaming,
-            pin_memory=accelerator.device.type == "cuda",
-            # workers are rebuilt each epoch so they see the dataset's new epoch (it seeds augmentation)
-            persistent_workers=False,
-            generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG out of loading
+        dataset = vae_data.training_dataset(
+            config.data, config.seed, accelerator.process_index, accelerator.num_processes
         )
-        if not self.streaming and len(loader) == 0:
-            raise vae_data.DataError(
-                f"data.dataset: {len(dataset)} images are fewer than one batch of train.batch_size={config.train.batch_size}")
+        self.streaming = isinstance(dataset, IterableDataset)
+        loader = vae_data.build_dataloader(
+            dataset, config.data, config.train.batch_size, config.seed, pin_memory=accelerator.device.type == "cuda"
+        )
         # Streaming data is already split by rank (datasets.distributed); only map-style data is sharded here.
         self.dataloader = loader if self.streaming else accelerator.prepare(loader)
         self.dataset_size = None if self.streaming else len(dataset)
@@ -143,12 +125,17 @@ class Trainer:
     def _build_models(self) -> None:
         config, accelerator = self.config, self.accelerator
         vae = build_vae(config.model, config.data.resolution)
-        self.lpips = build_lpips(config.loss.perceptual_pretrained).to(accelerator.device) \
-            if config.loss.perceptual_weight > 0 else None
+        self.lpips = (
+            build_lpips(config.loss.perceptual_pretrained).to(accelerator.device)
+            if config.loss.perceptual_weight > 0
+            else None
+        )
         self.vae_player = self._player(VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr)
         self.disc_player = None
         if config.loss.disc_weight > 0:
-            discriminator = PatchDiscriminator(3, config.loss.disc_channels, config.loss.disc_num_layers, config.loss.disc_norm)
+            discriminator = PatchDiscriminator(
+                3, config.loss.disc_channels, config.loss.disc_num_layers, config.loss.disc_norm
+            )
             if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
                 discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
             self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr)
@@ -159,8 +146,13 @@ class Trainer:
         optimizer = build_optimizer(trainable, config.optim, lr)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         scaler = torch.amp.GradScaler(self.accelerator.device.type) if config.train.mixed_precision == "fp16" else None
-        return Player(model, optimizer, build_scheduler(optimizer, config.optim, self.total_steps),
-                      scaler, config.optim.max_grad_norm)
+        return Player(
+            model,
+            optimizer,
+            build_scheduler(optimizer, config.optim, self.total_steps),
+            scaler,
+            config.optim.max_grad_norm,
+        )
 
     # ----------------------------------------------------------------------------------------------
     # small views
@@ -179,9 +171,14 @@ class Trainer:
         return None if self.disc_player is None else self.accelerator.unwrap_model(self.disc_player.model)
 
     @property
+    def stop_signal(self) -> str | None:
+        """The signal (SIGTERM, SIGINT) that asked this run to stop, once all processes agree."""
+        return self.stop_request.signal_name
+
+    @property
     def disc_active(self) -> bool:
         """The seed switches the discriminator on after 15,000 micro-batches, i.e. 3,750 steps of 4."""
-        return self.disc_player is not None and self.global_step >= self.config.loss.disc_start_step
+        return self.disc_player is not None and self.progress.global_step >= self.config.loss.disc_start_step
 
     def autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.config.train.mixed_precision)
@@ -208,7 +205,7 @@ class Trainer:
 
     def _noise_generator(self) -> torch.Generator:
         """Posterior noise from (seed, micro-batch, process), so a resumed run draws what it would have."""
-        seed = vae_data.sample_seed(self.config.seed, self.micro_step, self.accelerator.process_index)
+        seed = vae_data.sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index)
         return torch.Generator(self.accelerator.device).manual_seed(seed)
 
     def generator_loss(self, images, reconstructions, posterior, disc_active: bool):
@@ -226,10 +223,17 @@ class Trainer:
             disc_weight = zero + loss_config.disc_weight
             if loss_config.adaptive_disc_weight:
                 disc_weight = disc_weight * adaptive_disc_weight(
-                    nll, g_adv, decoder_last_layer(self.vae), loss_config.adaptive_weight_max)
+                    nll, g_adv, decoder_last_layer(self.vae), loss_config.adaptive_weight_max
+                )
             g_loss = g_loss + disc_weight * g_adv
-        breakdown = {"rec": rec, "kl": kl, "perceptual": perceptual, "g_adv": g_adv,
-                     "disc_weight": disc_weight, "g_loss": g_loss}
+        breakdown = {
+            "rec": rec,
+            "kl": kl,
+            "perceptual": perceptual,
+            "g_adv": g_adv,
+            "disc_weight": disc_weight,
+            "g_loss": g_loss,
+        }
         return g_loss, {name: value.detach() for name, value in breakdown.items()}
 
     def discriminator_step(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -238,22 +242,30 @@ class Trainer:
         with self.autocast():
             logits_real = player.model(images)
             logits_fake = player.model(reconstructions)
-            d_loss = self.config.loss.disc_loss_weight * discriminator_loss(logits_real, logits_fake, self.config.loss.disc_loss)
+            d_loss = self.config.loss.disc_loss_weight * discriminator_loss(
+                logits_real, logits_fake, self.config.loss.disc_loss
+            )
         player.backward(self.accelerator, d_loss)
-        breakdown = {"d_loss": d_loss.detach(), "d_real": logits_real.detach().float().mean(),
-                     "d_fake": logits_fake.detach().float().mean()}
+        breakdown = {
+            "d_loss": d_loss.detach(),
+            "d_real": logits_real.detach().float().mean(),
+            "d_fake": logits_fake.detach().float().mean(),
+        }
         if self.accelerator.sync_gradients:
             updated, breakdown["disc_grad_norm"] = player.step(self.accelerator)
-            self.disc_steps_skipped += int(not updated)
+            self.progress.disc_steps_skipped += int(not updated)
         return breakdown
 
     def _count_nonfinite(self, updated: bool) -> None:
         """A non-finite VAE gradient skips the update; too many in a row stop the run, saved."""
         self.consecutive_nonfinite = 0 if updated else self.consecutive_nonfinite + 1
-        self.steps_skipped += int(not updated)
+        self.progress.steps_skipped += int(not updated)
         if not updated:
-            logger.warning("non-finite VAE gradients at step %d: update skipped (%d in a row)",
-                           self.global_step + 1, self.consecutive_nonfinite)
+            logger.warning(
+                "non-finite VAE gradients at step %d: update skipped (%d in a row)",
+                self.progress.global_step + 1,
+                self.consecutive_nonfinite,
+            )
         if self.consecutive_nonfinite >= self.config.train.max_nonfinite_steps:
             self.diverged = True
 
@@ -263,29 +275,31 @@ class Trainer:
     def train(self) -> Path:
         self._write_config()
         self.accelerator.init_trackers(self.config.train.tracker_project, config=flat_hparams(self.config))
-        progress = tqdm(total=self.total_steps, initial=self.global_step, disable=not self.is_main, desc="steps")
-        meter = _Meter()
-        with self._stop_on_signals():
-            while self.global_step < self.total_steps and self.stop_signal is None:
-                if self._train_epoch(progress, meter):
+        bar = tqdm(
+            total=self.total_steps, initial=self.progress.global_step, disable=not self.is_main, desc="steps"
+        )
+        meter = LossMeter()
+        with self.stop_request.listening():
+            while self.progress.global_step < self.total_steps and self.stop_signal is None:
+                if self._train_epoch(bar, meter):
                     self._end_epoch()
-        progress.close()
+        bar.close()
         if self.stop_signal is not None:
             return self._stop_for_signal()
-        if self.last_checkpoint_step != self.global_step:  # not already saved at this step's epoch end
+        if self.last_checkpoint_step != self.progress.global_step:  # not already saved at this step's epoch end
             self.save_vae()
             self.save_checkpoint()
         self.accelerator.end_training()
         self._log_end()
         return self.output_dir / "vae"
 
-    def _train_epoch(self, progress, meter: "_Meter") -> bool:
+    def _train_epoch(self, bar, meter: LossMeter) -> bool:
         """Train until the data runs out (True: the epoch is complete) or the run must stop (False)."""
         batches, usable = 0, 0
         for batch in self._epoch_batches():
-            self.batches_in_epoch += 1
+            self.progress.batches_in_epoch += 1
             batches += 1
-            self.images_skipped += batch["num_skipped"]
+            self.progress.images_skipped += batch["num_skipped"]
             images = batch["pixel_values"]
             if images.numel() == 0:
                 continue
@@ -293,55 +307,57 @@ class Trainer:
             images = images.to(self.accelerator.device, non_blocking=True)
             with self.accelerator.accumulate(self.vae_player.model, *self._disc_models()):
                 breakdown = self.training_step(images)
-            self.micro_step += 1
+            self.progress.micro_step += 1
             meter.add(breakdown, images.shape[0])
             if self.accelerator.sync_gradients:
-                self._after_optimizer_step(progress, meter)
-                if self.global_step >= self.total_steps or self._should_stop():
+                self._after_optimizer_step(bar, meter)
+                if self.progress.global_step >= self.total_steps or self.stop_request.agreed(self.accelerator):
                     return False
         if batches > 0 and usable == 0:
-            raise vae_data.DataError(f"data.dataset: no usable image in {self.config.data.dataset} "
-                                     f"({self.images_skipped} unreadable files skipped)")
+            raise vae_data.DataError(
+                f"data.dataset: no usable image in {self.config.data.dataset} "
+                f"({self.progress.images_skipped} unreadable files skipped)"
+            )
         return True
 
     def _epoch_batches(self):
         """This epoch's batches, in an order fixed by (seed, epoch), past the ones already trained on."""
         loader = self.dataloader
         if self.streaming:
-            loader.dataset.set_epoch(self.epoch)  # a new shuffle of the stream each epoch
+            loader.dataset.set_epoch(self.progress.epoch)  # a new shuffle of the stream each epoch
             if self._stream_position is not None:
                 loader.load_state_dict(self._stream_position)
                 self._stream_position = None
             return loader
-        loader.dataset.set_epoch(self.epoch)
-        if self.batches_in_epoch > 0:
-            loader = self.accelerator.skip_first_batches(loader, self.batches_in_epoch)
-        loader.set_epoch(self.epoch)
+        loader.dataset.set_epoch(self.progress.epoch)
+        if self.progress.batches_in_epoch > 0:
+            loader = self.accelerator.skip_first_batches(loader, self.progress.batches_in_epoch)
+        loader.set_epoch(self.progress.epoch)
         return loader
 
     def _end_epoch(self) -> None:
-        self.epoch += 1
-        self.batches_in_epoch = 0
+        self.progress.epoch += 1
+        self.progress.batches_in_epoch = 0
         self.save_vae()
         self.save_checkpoint()
 
     def _disc_models(self) -> list[nn.Module]:
         return [] if self.disc_player is None else [self.disc_player.model]
 
-    def _after_optimizer_step(self, progress, meter: "_Meter") -> None:
-        self.global_step += 1
+    def _after_optimizer_step(self, bar, meter: LossMeter) -> None:
+        self.progress.global_step += 1
         if self.diverged:
             self._stop_diverged()
         self.vae_player.advance_schedule()
         if self.disc_player is not None:
             self.disc_player.advance_schedule()
-        progress.update(1)
+        bar.update(1)
         train = self.config.train
-        if self.global_step % train.log_every_steps == 0 or self.global_step == self.total_steps:
-            self._log(progress, meter)
-        if self.global_step == 1 or self.global_step % train.sample_every_steps == 0:
+        if self.progress.global_step % train.log_every_steps == 0 or self.progress.global_step == self.total_steps:
+            self._log(bar, meter)
+        if self.progress.global_step == 1 or self.progress.global_step % train.sample_every_steps == 0:
             self.write_sample()
-        if train.checkpoint_every_steps and self.global_step % train.checkpoint_every_steps == 0:
+        if train.checkpoint_every_steps and self.progress.global_step % train.checkpoint_every_steps == 0:
             self.save_checkpoint()
 
     # ----------------------------------------------------------------------------------------------
@@ -350,8 +366,11 @@ class Trainer:
     @property
     def model_shape(self) -> dict:
         loss = self.config.loss
-        disc = None if self.disc_player is None else {
-            "channels": loss.disc_channels, "num_layers": loss.disc_num_layers, "norm": loss.disc_norm}
+        disc = (
+            None
+            if self.disc_player is None
+            else {"channels": loss.disc_channels, "num_layers": loss.disc_num_layers, "norm": loss.disc_norm}
+        )
         return model_shape(dict(self.vae.config), disc)
 
     def state_dict(self) -> dict:
@@ -359,17 +378,13 @@ class Trainer:
         players = {"vae": self.vae_player, "discriminator": self.disc_player}
         return {
             "num_processes": self.accelerator.num_processes,
-            "global_step": self.global_step, "micro_step": self.micro_step, "epoch": self.epoch,
-            "batches_in_epoch": self.batches_in_epoch, "images_skipped": self.images_skipped,
-            "steps_skipped": self.steps_skipped, "disc_steps_skipped": self.disc_steps_skipped,
+            "progress": self.progress.state_dict(),
             "schedulers": {name: p.scheduler.state_dict() for name, p in players.items() if p is not None},
             "scalers": {name: p.scaler.state_dict() for name, p in players.items() if p is not None and p.scaler},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("global_step", "micro_step", "epoch", "batches_in_epoch", "images_skipped", "steps_skipped",
-                    "disc_steps_skipped"):
-            setattr(self, key, state[key])
+        self.progress.load_state_dict(state["progress"])
         players = {"vae": self.vae_player, "discriminator": self.disc_player}
         for name, scheduler_state in state["schedulers"].items():
             players[name].scheduler.load_state_dict(scheduler_state)
@@ -382,9 +397,10 @@ class Trainer:
         return {"stream": self.dataloader.state_dict() if self.streaming else None}
 
     def save_checkpoint(self) -> Path:
-        path = self.checkpointer.save(self.global_step, self.state_dict(), self.model_shape,
-                                      self.process_state_dict())
-        self.last_checkpoint_step = self.global_step
+        path = self.checkpointer.save(
+            self.progress.global_step, self.state_dict(), self.model_shape, self.process_state_dict()
+        )
+        self.last_checkpoint_step = self.progress.global_step
         return path
 
     def resume(self, resume_from: str) -> None:
@@ -395,71 +411,57 @@ class Trainer:
             return
         state, process_state = self.checkpointer.load(path, self.model_shape)
         self.load_state_dict(state)
-        if self.streaming and self.batches_in_epoch > 0:
+        if self.streaming and self.progress.batches_in_epoch > 0:
             self._stream_position = process_state["stream"]
         if self.is_main:
-            print(f"vae-hf: resumed from {path} at step {self.global_step} (epoch {self.epoch}, "
-                  f"batch {self.batches_in_epoch})", flush=True)
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """SIGTERM (preemption) and SIGINT (Ctrl-C) stop the run at the next step boundary, saved."""
-        def request_stop(signum, _frame):
-            self.stop_signal = signal.Signals(signum).name
-
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            print(
+                f"vae-hf: resumed from {path} at step {self.progress.global_step} (epoch {self.progress.epoch}, "
+                f"batch {self.progress.batches_in_epoch})",
+                flush=True,
+            )
 
     def _stop_diverged(self) -> None:
         path = self.save_checkpoint()
         raise TrainingDiverged(
-            f"{self.consecutive_nonfinite} optimizer steps in a row had non-finite gradients (step {self.global_step}); "
+            f"{self.consecutive_nonfinite} optimizer steps in a row had non-finite gradients "
+            f"(step {self.progress.global_step}); "
             f"stopped instead of training on garbage. State saved to {path}: lower optim.lr, set optim.max_grad_norm, "
-            f"or use train.mixed_precision=bf16, then resume with train.resume_from=latest")
-
-    def _should_stop(self) -> bool:
-        """Whether any process was signalled; all processes must stop at the same step to save together."""
-        if self.accelerator.num_processes == 1:
-            return self.stop_signal is not None
-        flag = torch.tensor(float(self.stop_signal is not None), device=self.accelerator.device)
-        if self.accelerator.reduce(flag, reduction="sum").item() > 0:  # a host sync, in multi-process runs only
-            self.stop_signal = self.stop_signal or "SIGTERM"
-        return self.stop_signal is not None
+            f"or use train.mixed_precision=bf16, then resume with train.resume_from=latest"
+        )
 
     def _stop_for_signal(self) -> Path:
         path = self.save_checkpoint()
         self.accelerator.end_training()
         if self.is_main:
-            print(f"vae-hf: stopped by {self.stop_signal} at step {self.global_step}; state saved to {path}. "
-                  f"Resume with: train.resume_from=latest (same config and output_dir)", flush=True)
+            print(
+                f"vae-hf: stopped by {self.stop_signal} at step {self.progress.global_step}; state saved to {path}. "
+                f"Resume with: train.resume_from=latest (same config and output_dir)",
+                flush=True,
+            )
         return path
 
     # ----------------------------------------------------------------------------------------------
     # outputs
 
-    def _log(self, progress, meter: "_Meter") -> None:
+    def _log(self, bar, meter: LossMeter) -> None:
         """The only place the loop waits for the device: `.item()` on the averaged breakdown."""
         values = meter.flush(self.accelerator.num_processes)
         values["lr"] = self.vae_player.lr
         if self.disc_player is not None:
             values["disc_lr"] = self.disc_player.lr
-        values["images_skipped"] = self.images_skipped
-        values["steps_skipped_nonfinite"] = self.steps_skipped
+        values["images_skipped"] = self.progress.images_skipped
+        values["steps_skipped_nonfinite"] = self.progress.steps_skipped
         if self.disc_player is not None:
-            values["disc_steps_skipped_nonfinite"] = self.disc_steps_skipped
-        values["epoch"] = self.epoch
-        self.accelerator.log(values, step=self.global_step)
+            values["disc_steps_skipped_nonfinite"] = self.progress.disc_steps_skipped
+        values["epoch"] = self.progress.epoch
+        self.accelerator.log(values, step=self.progress.global_step)
         shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("rec", "kl", "perceptual", "g_adv", "d_loss")}
-        progress.set_postfix(shown, refresh=False)
+        bar.set_postfix(shown, refresh=False)
 
     def write_sample(self) -> Path | None:
         if not self.is_main:
             return None
-        return save_sample(self.vae, self.reference_images, self.output_dir / "samples", self.global_step)
+        return save_sample(self.vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)
 
     def save_vae(self) -> Path:
         self.accelerator.wait_for_everyone()
@@ -480,36 +482,21 @@ class Trainer:
         train, accelerator = self.config.train, self.accelerator
         effective = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
         size = "streaming" if self.dataset_size is None else f"{self.dataset_size} images"
-        print(f"vae-hf: {accelerator.num_processes} x {accelerator.device.type}, precision {train.mixed_precision}, "
-              f"effective batch {effective} ({train.batch_size} x {train.gradient_accumulation_steps} accumulation x "
-              f"{accelerator.num_processes} processes), {self.total_steps} steps, data: {size}", flush=True)
+        print(
+            f"vae-hf: {accelerator.num_processes} x {accelerator.device.type}, precision {train.mixed_precision}, "
+            f"effective batch {effective} ({train.batch_size} x {train.gradient_accumulation_steps} accumulation x "
+            f"{accelerator.num_processes} processes), {self.total_steps} steps, data: {size}",
+            flush=True,
+        )
 
     def _log_end(self) -> None:
         if self.is_main:
             folder = (self.output_dir / "vae").resolve()
-            skipped = f"; {self.images_skipped} unreadable images skipped" if self.images_skipped else ""
-            print(f"vae-hf: done after {self.global_step} steps{skipped}. VAE saved to {folder}; load it with "
-                  f"AutoencoderKL.from_pretrained('{folder}')", flush=True)
-
-
-class _Meter:
-    """Sums the breakdown on the device between log steps, so the loop never waits on `.item()`."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.images = 0
-        self.started = time.perf_counter()
-
-    def add(self, breakdown: dict[str, torch.Tensor], images: int) -> None:
-        for name, value in breakdown.items():
-            self.sums[name] = self.sums.get(name, 0) + value.float()
-            self.counts[name] = self.counts.get(name, 0) + 1
-        self.images += images
-
-    def flush(self, num_processes: int) -> dict[str, float]:
-        values = {name: (total / self.counts[name]).item() for name, total in self.sums.items()}
-        elapsed = time.perf_counter() - self.started
-        values["images_per_s"] = self.images * num_processes / max(elapsed, 1e-9)
-        self.__init__()
-        return values
+            skipped = (
+                f"; {self.progress.images_skipped} unreadable images skipped" if self.progress.images_skipped else ""
+            )
+            print(
+                f"vae-hf: done after {self.progress.global_step} steps{skipped}. VAE saved to {folder}; load it with "
+                f"AutoencoderKL.from_pretrained('{folder}')",
+                flush=True,
+            )
