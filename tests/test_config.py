@@ -53,7 +53,7 @@ def test_dotted_overrides_win_over_the_file():
         ("nonsense=1", "nonsense"),
         ("train.max_steps=abc", "train.max_steps"),
         ("optim.lr=-1e-4", "optim.lr"),
-        ("data.resolution=100", "data.resolution"),  # the demo VAE downsamples by 8
+        ("data.resolution=30", "data.resolution"),  # the demo VAE downsamples by 4
         ("model.block_out_channels=[48,64]", "model.block_out_channels"),  # 48 % 32 groups
         ("loss.disc_loss=wgan", "loss.disc_loss"),
         ("loss.kl_reduction=max", "loss.kl_reduction"),
@@ -86,3 +86,12 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(config))
     assert load_config(path) == config
+
+
+def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    with pytest.raises(ConfigError, match="train.report_to: wandb is not installed"):
+        load_config(None, ["train.report_to=wandb"])

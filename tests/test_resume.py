@@ -100,7 +100,8 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(images, uninterrupte
         torch.testing.assert_close(exported[name], value, rtol=0, atol=1e-6, msg=name)
 
 
-def test_sigterm_saves_a_resumable_checkpoint_and_says_how_to_resume(images, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(images, tmp_path, stop):
     output_dir = tmp_path / "run"
     process = subprocess.Popen(
         command(images, output_dir, **{"train.max_steps": 200, "train.sample_every_steps": 1}),
@@ -110,9 +111,9 @@ def test_sigterm_saves_a_resumable_checkpoint_and_says_how_to_resume(images, tmp
         text=True,
     )
     wait_for(output_dir / "samples" / "step-0000002.png", process)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert process.returncode == 128 + stop, stderr[-3000:]
     assert "train.resume_from=latest" in stdout
     saved = Checkpointer(None, output_dir / "checkpoints").latest()
     step = int(saved.name.split("-")[1])

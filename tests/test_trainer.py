@@ -1,6 +1,8 @@
 """The training loop's guarantees: who gets which gradient, when the discriminator runs, precision,
 and gradient accumulation equal to one large batch."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -196,3 +198,44 @@ def test_learning_rate_warmup_follows_optimizer_steps(image_folder, tmp_path):
     assert trainer.vae_player.lr == 0.0
     trainer.train()
     assert trainer.vae_player.lr == pytest.approx(2 / 4 * 1e-3)
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        # warm-up over 2 steps, then 6 steps to the end of an 8-step run
+        ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.0, 0.5, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0.0]),
+        ("cosine", [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7)]),
+    ],
+)
+def test_learning_rate_schedules_per_optimizer_step(schedule, expected):
+    from vae_hf.config import OptimConfig
+    from vae_hf.optimization import build_optimizer, build_scheduler
+
+    config = OptimConfig(lr=1.0, lr_scheduler=schedule, warmup_steps=2)
+    optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config, config.lr)
+    scheduler = build_scheduler(optimizer, config, total_steps=8)
+    rates = []
+    for _ in range(9):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_failed_vae_export_is_one_clear_error_and_keeps_the_previous_one(image_folder, tmp_path, monkeypatch):
+    from vae_hf.export import ExportError
+
+    trainer = build(image_folder, tmp_path, **{"loss.disc_weight": 0, "train.max_steps": 1})
+    trainer.train()
+    exported = tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors"
+    before = exported.read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(trainer.vae), "save_pretrained", disk_full)
+    with pytest.raises(ExportError, match="No space left on device"):
+        trainer.save_vae()
+    assert exported.read_bytes() == before

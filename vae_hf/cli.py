@@ -9,11 +9,12 @@ import sys
 from vae_hf.checkpointing import CheckpointError
 from vae_hf.config import ConfigError, load_config
 from vae_hf.data import DataError
+from vae_hf.export import ExportError
 from vae_hf.hub import OfflineError
 from vae_hf.model import ModelLoadError
 from vae_hf.trainer import Trainer, TrainingDiverged
 
-USER_ERRORS = (ConfigError, DataError, ModelLoadError, OfflineError, CheckpointError, TrainingDiverged)
+USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OfflineError, CheckpointError, TrainingDiverged)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

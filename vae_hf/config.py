@@ -8,6 +8,7 @@ as :class:`ConfigError` with a one-line message naming the key, before any model
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -250,6 +251,12 @@ class TrainConfig:
         if self.ema_decay is not None:
             _require(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (or null)")
         _require_choice(self.report_to, "train.report_to", ("tensorboard", "wandb", "all", "none"))
+        if self.report_to in ("wandb", "all"):
+            _require(
+                importlib.util.find_spec("wandb") is not None,
+                "train.report_to",
+                "wandb is not installed (pip install 'vae-hf[wandb]'), or choose tensorboard",
+            )
 
 
 @dataclass

@@ -20,9 +20,17 @@ def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     retired = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    vae.save_pretrained(staging, safe_serialization=True)
+    try:
+        vae.save_pretrained(staging, safe_serialization=True)
+    except OSError as error:  # a full disk or an unwritable folder: the previous export stays as it was
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"cannot write the VAE to {folder}: {error.strerror or error}") from None
     if folder.exists():
         os.replace(folder, retired)  # POSIX cannot swap two folders atomically: move, then replace
     os.replace(staging, folder)
     shutil.rmtree(retired, ignore_errors=True)
     return folder
+
+
+class ExportError(RuntimeError):
+    """The VAE could not be written; the message says where and why in one line."""

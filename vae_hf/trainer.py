@@ -275,9 +275,7 @@ class Trainer:
     def train(self) -> Path:
         self._write_config()
         self.accelerator.init_trackers(self.config.train.tracker_project, config=flat_hparams(self.config))
-        bar = tqdm(
-            total=self.total_steps, initial=self.progress.global_step, disable=not self.is_main, desc="steps"
-        )
+        bar = tqdm(total=self.total_steps, initial=self.progress.global_step, disable=not self.is_main, desc="steps")
         meter = LossMeter()
         with self.stop_request.listening():
             while self.progress.global_step < self.total_steps and self.stop_signal is None:
