@@ -37,12 +37,24 @@ def run_train(config_path: str | None, overrides: list[str]) -> int:
     return 0
 
 
+def _add_train(commands) -> None:
+    parser = commands.add_parser("train", help="train a VAE (same as train_autoencoder.py)")
+    add_train_arguments(parser)
+    parser.set_defaults(run=lambda args: run_train(args.config, args.overrides))
+
+
+# Each subcommand adds its parser here and sets `run`, a function of the parsed arguments returning the
+# exit status.
+SUBCOMMANDS = [_add_train]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vae-hf", description="Train and use Stable-Diffusion-style VAEs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_train_arguments(commands.add_parser("train", help="train a VAE (same as train_autoencoder.py)"))
+    for add in SUBCOMMANDS:
+        add(commands)
     args = parser.parse_args(argv)
-    return guarded(lambda: run_train(args.config, args.overrides))
+    return guarded(lambda: args.run(args))
 
 
 def train_main(argv: list[str] | None = None) -> int:
