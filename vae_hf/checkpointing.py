@@ -18,7 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,14 @@ class Checkpointer:
             raise CheckpointError(f"train.resume_from: {path} is not a complete checkpoint folder (no {STATE_FILE})")
         return path
 
-    def save(self, step: int, state: dict[str, Any], shape: dict[str, Any], process_state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        shape: dict[str, Any],
+        process_state: dict[str, Any],
+        tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> Path:
         """Every process calls this (each saves its RNG and `process_state`); the main process publishes it."""
         final = self.folder / f"checkpoint-{step}"
         staging = self.folder / f".checkpoint-{step}.staging"
@@ -86,6 +95,11 @@ class Checkpointer:
             _write_json(staging / f"process_{self.accelerator.process_index}.json", process_state)
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
+                for name, named_tensors in (tensors or {}).items():  # e.g. the EMA weights
+                    save_file(
+                        {k: v.detach().cpu().contiguous() for k, v in named_tensors.items()},
+                        staging / f"{name}.safetensors",
+                    )
                 _write_json(staging / SHAPE_FILE, shape)
                 _write_json(staging / STATE_FILE, state)  # written last: its presence marks completeness
                 retired = self.folder / f".checkpoint-{step}.retired"
@@ -134,6 +148,14 @@ class Checkpointer:
         self.accelerator.load_state(str(path))
         own = path / f"process_{self.accelerator.process_index}.json"
         return state, json.loads(own.read_text())
+
+
+def read_tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    """Tensors saved with `Checkpointer.save(tensors={name: ...})`."""
+    path = Path(checkpoint) / f"{name}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"train.resume_from: {checkpoint} has no {path.name}")
+    return load_file(path)
 
 
 def model_shape(vae_config: dict[str, Any], discriminator: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ step, maybe log, maybe write a sample; at the end of each epoch and of the run, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -20,9 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vae_hf import data as vae_data
-from vae_hf.checkpointing import Checkpointer, model_shape
+from vae_hf.checkpointing import Checkpointer, model_shape, read_tensors
 from vae_hf.config import Config, flat_hparams, to_yaml
 from vae_hf.discriminator import PatchDiscriminator
+from vae_hf.ema import EMA
 from vae_hf.export import save_vae
 from vae_hf.losses import (
     adaptive_disc_weight,
@@ -58,6 +60,17 @@ def frozen(module: nn.Module):
     finally:
         for parameter, flag in zip(module.parameters(), flags, strict=True):
             parameter.requires_grad_(flag)
+
+
+def encoder_fingerprint(vae) -> str:
+    """SHA-256 of the encoder's and quant_conv's weights: the part that maps images to latents."""
+    digest = hashlib.sha256()
+    parts = [vae.encoder] + ([vae.quant_conv] if vae.quant_conv is not None else [])
+    for part in parts:
+        for name, value in sorted(part.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Trainer:
@@ -130,7 +143,12 @@ class Trainer:
             if config.loss.perceptual_weight > 0
             else None
         )
+        if config.train.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        # What a decoder-only fine-tune must never change: checked again at every export.
+        self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
         self.vae_player = self._player(VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr)
+        self.ema = EMA(vae, config.train.ema_decay) if config.train.ema_decay is not None else None
         self.disc_player = None
         if config.loss.disc_weight > 0:
             discriminator = PatchDiscriminator(
@@ -199,6 +217,8 @@ class Trainer:
         if self.accelerator.sync_gradients:
             updated, breakdown["grad_norm"] = self.vae_player.step(self.accelerator)
             self._count_nonfinite(updated)
+            if updated and self.ema is not None:
+                self.ema.update(self.vae)
         if disc_active:
             breakdown.update(self.discriminator_step(images, reconstructions.detach()))
         return breakdown
@@ -379,6 +399,7 @@ class Trainer:
             "progress": self.progress.state_dict(),
             "schedulers": {name: p.scheduler.state_dict() for name, p in players.items() if p is not None},
             "scalers": {name: p.scaler.state_dict() for name, p in players.items() if p is not None and p.scaler},
+            "ema": None if self.ema is None else self.ema.state_dict()[1],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -395,8 +416,9 @@ class Trainer:
         return {"stream": self.dataloader.state_dict() if self.streaming else None}
 
     def save_checkpoint(self) -> Path:
+        tensors = None if self.ema is None else {"ema": self.ema.state_dict()[0]}
         path = self.checkpointer.save(
-            self.progress.global_step, self.state_dict(), self.model_shape, self.process_state_dict()
+            self.progress.global_step, self.state_dict(), self.model_shape, self.process_state_dict(), tensors
         )
         self.last_checkpoint_step = self.progress.global_step
         return path
@@ -409,6 +431,11 @@ class Trainer:
             return
         state, process_state = self.checkpointer.load(path, self.model_shape)
         self.load_state_dict(state)
+        if self.ema is not None:
+            if state.get("ema") is None:  # EMA switched on for a run that had none: start it from here
+                self.ema = EMA(self.vae, self.config.train.ema_decay)
+            else:
+                self.ema.load_state_dict(read_tensors(path, "ema"), state["ema"])
         if self.streaming and self.progress.batches_in_epoch > 0:
             self._stream_position = process_state["stream"]
         if self.is_main:
@@ -457,15 +484,24 @@ class Trainer:
         bar.set_postfix(shown, refresh=False)
 
     def write_sample(self) -> Path | None:
+        """Reconstructions of the reference images, by the EMA weights when EMA is on."""
         if not self.is_main:
             return None
-        return save_sample(self.vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)
+        vae = self.vae if self.ema is None else self.ema.copy_of(self.vae)
+        return save_sample(vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)
 
     def save_vae(self) -> Path:
+        """Export `vae/` (and `vae_ema/`), after checking a decoder-only run left the encoder as it was."""
         self.accelerator.wait_for_everyone()
         folder = self.output_dir / "vae"
         if self.is_main:
-            save_vae(self.vae, folder)
+            exports = {folder: self.vae}
+            if self.ema is not None:
+                exports[self.output_dir / "vae_ema"] = self.ema.copy_of(self.vae)
+            for target, vae in exports.items():
+                if self.encoder_fingerprint is not None and encoder_fingerprint(vae) != self.encoder_fingerprint:
+                    raise RuntimeError(f"model.train_decoder_only: the encoder of {target.name} changed; not exported")
+                save_vae(vae, target)
         self.accelerator.wait_for_everyone()
         return folder
 

@@ -1,0 +1,57 @@
+"""An exponential moving average of the VAE's weights (Polyak averaging), as stabilityai kept for
+sd-vae-ft-ema.
+
+A few lines of our own rather than diffusers' `EMAModel`, so that its state saves as safetensors and
+JSON instead of a pickled object. The decay warms up as min(decay, (1 + t) / (10 + t)) over the first
+updates (the schedule diffusers' EMAModel uses by default), so early averages are not dominated by the
+random initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        # fp32 copies of every floating tensor of the state (parameters and buffers), detached
+        self.shadow = {name: value.detach().clone().float() for name, value in _floating_state(module).items()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        """shadow <- decay * shadow + (1 - decay) * weights, in one fused call over all tensors."""
+        weight = 1.0 - self.current_decay()
+        state = _floating_state(module)
+        names = list(self.shadow)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [state[n].float() for n in names], weight)
+        self.updates += 1
+
+    def copy_of(self, module: nn.Module) -> nn.Module:
+        """A copy of `module` holding the averaged weights (the original is left untouched)."""
+        averaged = copy.deepcopy(module)
+        averaged.load_state_dict(self.shadow, strict=False)
+        return averaged
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Tensors (for safetensors) and scalars (for JSON)."""
+        return self.shadow, {"decay": self.decay, "updates": self.updates}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict[str, float]) -> None:
+        missing = set(self.shadow) ^ set(tensors)
+        if missing:
+            raise ValueError(f"EMA state does not match the model: {sorted(missing)[:3]} ...")
+        for name, value in tensors.items():
+            self.shadow[name].copy_(value)
+        self.updates = int(scalars["updates"])
+
+
+def _floating_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value for name, value in module.state_dict().items() if value.is_floating_point()}
