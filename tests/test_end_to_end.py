@@ -48,7 +48,18 @@ def test_training_writes_config_samples_logs_and_vae(trained_run):
     assert samples == ["step-0000001.png", "step-0000002.png"]
     with Image.open(trained_run / "samples" / "step-0000001.png") as sample:
         assert sample.size == (2 * 32, 32)  # original | reconstruction
-    assert any((trained_run / "logs").rglob("events.out.tfevents.*"))
+    events = sorted((trained_run / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = set(), set()
+    for folder in {path.parent for path in events}:  # the hyper-parameters go to a folder of their own
+        logged = EventAccumulator(str(folder))
+        logged.Reload()
+        scalars |= set(logged.Tags()["scalars"])
+        images |= set(logged.Tags()["images"])
+    assert {"rec", "kl", "perceptual", "g_adv", "d_real", "d_fake", "disc_weight", "lr", "images_per_s"} <= scalars
+    assert "samples" in images
     assert sorted(p.name for p in (trained_run / "vae").iterdir()) == [
         "config.json",
         "diffusion_pytorch_model.safetensors",

@@ -13,10 +13,12 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from datasets import IterableDataset
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -488,7 +490,19 @@ class Trainer:
         if not self.is_main:
             return None
         vae = self.vae if self.ema is None else self.ema.copy_of(self.vae)
-        return save_sample(vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)
+        path = save_sample(vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)
+        self._log_sample(path)
+        return path
+
+    def _log_sample(self, path: Path) -> None:
+        """The sample grid in the trackers too, next to the loss curves."""
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": pixels[None]}, step=self.progress.global_step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [pixels]}, step=self.progress.global_step)
 
     def save_vae(self) -> Path:
         """Export `vae/` (and `vae_ema/`), after checking a decoder-only run left the encoder as it was."""
