@@ -6,15 +6,31 @@ import argparse
 import logging
 import sys
 
+from vae_hf import evaluation, hub, inference, latent_stats, single_file
 from vae_hf.checkpointing import CheckpointError
 from vae_hf.config import ConfigError, load_config
 from vae_hf.data import DataError
+from vae_hf.evaluation import EvaluationError
 from vae_hf.export import ExportError
-from vae_hf.hub import OfflineError
+from vae_hf.hub import OfflineError, PushError
+from vae_hf.inference import InferenceError
+from vae_hf.latent_stats import LatentStatsError
 from vae_hf.model import ModelLoadError
 from vae_hf.trainer import Trainer, TrainingDiverged
 
-USER_ERRORS = (ConfigError, DataError, ExportError, ModelLoadError, OfflineError, CheckpointError, TrainingDiverged)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    ExportError,
+    ModelLoadError,
+    OfflineError,
+    CheckpointError,
+    TrainingDiverged,
+    InferenceError,
+    LatentStatsError,
+    PushError,
+    EvaluationError,
+)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,9 +59,125 @@ def _add_train(commands) -> None:
     parser.set_defaults(run=lambda args: run_train(args.config, args.overrides))
 
 
+def _add_reconstruct(commands) -> None:
+    parser = commands.add_parser("reconstruct", help="encode and decode images, each at its own size")
+    parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
+    parser.add_argument("--input", required=True, help="an image, or a folder read recursively")
+    parser.add_argument("--out", required=True, help="folder for the PNGs (same relative names)")
+    parser.add_argument("--tile", action="store_true", help="encode/decode images larger than a tile in tiles")
+    parser.add_argument("--resolution", type=int, default=None, help="tile size with --tile (default: sample_size)")
+    parser.add_argument("--save-latents", action="store_true", help="also write <name>.safetensors (mean, logvar)")
+    parser.set_defaults(
+        run=lambda args: inference.reconstruct_command(
+            args.model, args.input, args.out, args.resolution, args.tile, args.save_latents
+        )
+    )
+
+
+def _add_interpolate(commands) -> None:
+    parser = commands.add_parser("interpolate", help="grid of linear and spherical latent interpolations")
+    parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
+    parser.add_argument("image_a")
+    parser.add_argument("image_b")
+    parser.add_argument("--steps", type=int, default=8, help="images per row, both ends included")
+    parser.add_argument("--resolution", type=int, default=None, help="centre-crop size (default: sample_size)")
+    parser.add_argument("--out", required=True, help="grid PNG: row 1 linear, row 2 slerp")
+    parser.set_defaults(
+        run=lambda args: inference.interpolate_command(
+            args.model, args.image_a, args.image_b, args.out, args.steps, args.resolution
+        )
+    )
+
+
+def _add_latent_stats(commands) -> None:
+    parser = commands.add_parser("latent-stats", help="latent mean/std over data; scaling_factor, shift_factor")
+    parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
+    parser.add_argument("--data", required=True, help="local image folder or Hub dataset id")
+    parser.add_argument("--resolution", type=int, default=None, help="centre-crop size (default: sample_size)")
+    parser.add_argument("--max-images", type=int, default=None, help="use only the first N images")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
+    parser.add_argument("--write", action="store_true", help="store scaling_factor in the model's config.json")
+    parser.add_argument("--shift", action="store_true", help="with --write, also store shift_factor = mean")
+    parser.set_defaults(
+        run=lambda args: latent_stats.latent_stats_command(
+            args.model,
+            args.data,
+            args.resolution,
+            args.max_images,
+            args.batch_size,
+            args.num_workers,
+            args.write,
+            args.shift,
+        )
+    )
+
+
+def _add_export(commands) -> None:
+    parser = commands.add_parser("export", help="write one LDM-layout .safetensors for ComfyUI / A1111")
+    parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
+    parser.add_argument("--single-file", required=True, help="the .safetensors file to write")
+    parser.add_argument("--dtype", choices=sorted(single_file.DTYPES), default="fp32", help="tensor precision")
+    parser.add_argument("--prefix", action="store_true", help="nest the keys under first_stage_model.")
+    parser.set_defaults(
+        run=lambda args: single_file.export_command(args.model, args.single_file, args.dtype, args.prefix)
+    )
+
+
+def _add_push(commands) -> None:
+    parser = commands.add_parser("push", help="upload a diffusers VAE folder with a model card to the Hub")
+    parser.add_argument("--model", required=True, help="local diffusers folder, e.g. <output_dir>/vae")
+    parser.add_argument("--repo-id", required=True, help="OWNER/NAME of the Hub model repo (created if needed)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--commit-message", default=hub.DEFAULT_COMMIT_MESSAGE)
+    parser.add_argument("--license", default=None, help="licence id for the card's metadata, e.g. mit, openrail")
+    parser.set_defaults(
+        run=lambda args: hub.push_command(args.model, args.repo_id, args.private, args.commit_message, args.license)
+    )
+
+
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="PSNR, SSIM, LPIPS and rFID of reconstructions, a row per model")
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        dest="models",
+        metavar="MODEL",
+        help="diffusers folder, Hub id, or .safetensors; repeat to compare models side by side",
+    )
+    parser.add_argument("--data", required=True, help="local image folder or Hub dataset id")
+    parser.add_argument("--split", default="train", help="dataset split")
+    parser.add_argument("--image-column", default="image", help="column holding the images")
+    parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (a multiple of the VAE's f)")
+    parser.add_argument("--max-images", type=int, default=None, help="stop after N usable images")
+    parser.add_argument("--metrics", default=",".join(evaluation.METRIC_NAMES), help="comma-separated subset")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
+    parser.add_argument("--perceptual-random", action="store_true", help="random VGG trunk for LPIPS (offline tests)")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.set_defaults(
+        run=lambda args: evaluation.run_evaluation(
+            evaluation.EvaluationRequest(
+                models=args.models,
+                data=args.data,
+                resolution=args.resolution,
+                split=args.split,
+                image_column=args.image_column,
+                max_images=args.max_images,
+                metrics=args.metrics,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                perceptual_pretrained=not args.perceptual_random,
+                out=args.out,
+            )
+        )
+    )
+
+
 # Each subcommand adds its parser here and sets `run`, a function of the parsed arguments returning the
 # exit status.
-SUBCOMMANDS = [_add_train]
+SUBCOMMANDS = [_add_train, _add_reconstruct, _add_interpolate, _add_latent_stats, _add_export, _add_push, _add_evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from torch import nn
 
 from vae_hf.config import ModelConfig
 from vae_hf.hub import OfflineError, require_hub
+from vae_hf.single_file import load_single_file
 
 
 class ModelLoadError(RuntimeError):
@@ -51,7 +52,9 @@ def load_vae(source: str, subfolder: str | None = None) -> AutoencoderKL:
         if path.suffix == ".safetensors":
             if not path.is_file():
                 raise ModelLoadError(f"model.pretrained: no such file {path}")
-            return AutoencoderKL.from_single_file(str(path))
+            # Our own reader, not from_single_file: that one fetches a reference config from the Hub, and a
+            # SingleFileError (a ValueError) becomes a one-line ModelLoadError below.
+            return load_single_file(path)
         if path.is_dir():
             if subfolder is None and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
                 subfolder = "vae"  # a whole pipeline folder: take its VAE
