@@ -5,10 +5,11 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
 from vae_hf.config import load_config
 from vae_hf.ema import EMA
 from vae_hf.trainer import Trainer
+
+from conftest import tiny_overrides
 
 
 def build(image_folder, tmp_path, **overrides) -> Trainer:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_overrides, write_images
 from safetensors.torch import load_file
 
 from vae_hf.checkpointing import STATE_FILE, Checkpointer, CheckpointError
 from vae_hf.config import load_config
 from vae_hf.trainer import Trainer
+
+from conftest import ROOT, tiny_overrides, write_images
 
 # 8 images, batches of 2, 2 micro-batches a step: 2 steps an epoch, so 6 steps cross two epoch ends,
 # and a checkpoint every 3 steps falls mid-epoch. Random crops, flips, posterior noise and the

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_overrides
 
 from vae_hf.config import load_config
 from vae_hf.trainer import Trainer
+
+from conftest import tiny_overrides
 
 
 def build(image_folder, tmp_path, **overrides) -> Trainer:

@@ -94,6 +94,12 @@ class DataConfig:
     """Images with more pixels than this are skipped unopened (a decompression-bomb guard)."""
     shuffle_buffer_size: int = 1000
     """Shuffle buffer of a streaming dataset."""
+    validation_split: Optional[str] = None
+    """Split held out for evaluation (e.g. `validation`); null: hold out `validation_fraction`."""
+    validation_fraction: float = 0.0
+    """Fraction of the training split held out (seeded) for evaluation when no validation split is given."""
+    validation_max_images: int = 256
+    """At most this many held-out images are evaluated."""
     reference_images: List[str] = field(default_factory=list)
     """Image files used for the sample PNGs; empty takes `reference_indices` of `reference_split`."""
     reference_split: Optional[str] = None
@@ -106,6 +112,13 @@ class DataConfig:
         _require(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
+        _require(0 <= self.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
+        _require(self.validation_max_images >= 1, "data.validation_max_images", "must be >= 1")
+        _require(
+            not (self.streaming and self.validation_fraction > 0),
+            "data.validation_fraction",
+            "cannot split a stream; name a data.validation_split instead",
+        )
         _require(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size", "must be >= 1")
         for index in self.reference_indices:
             _require(index >= 0, "data.reference_indices", f"indices must be >= 0, got {index}")
@@ -215,6 +228,10 @@ class TrainConfig:
     """Optimizer steps to train; wins over num_epochs when set."""
     mixed_precision: str = "no"
     """no, fp16 (autocast + grad scaler) or bf16 (autocast); weights stay fp32."""
+    eval_every_steps: Optional[int] = None
+    """Evaluate on the held-out set every this many steps (and at start and end); null: start and end only."""
+    eval_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim", "lpips", "rfid"])
+    """Metrics of the held-out evaluation: psnr, ssim, lpips, rfid."""
     sample_every_steps: int = 500
     """Write an original | reconstruction PNG every this many steps (and at step 1)."""
     log_every_steps: int = 10
@@ -231,6 +248,12 @@ class TrainConfig:
     """Recompute the VAE's activations in the backward pass: less memory, about a third more compute."""
     ema_decay: Optional[float] = None
     """Decay of an EMA of the VAE weights, exported to <output_dir>/vae_ema (null: no EMA)."""
+    push_to_hub: bool = False
+    """Upload <output_dir>/vae (with a model card) to `hub_repo_id` at the end of the run."""
+    hub_repo_id: Optional[str] = None
+    """OWNER/NAME of the Hub model repo to push to (created if needed)."""
+    hub_private: bool = False
+    """Create the Hub repo private."""
     report_to: str = "tensorboard"
     """Tracker: tensorboard, wandb, all, or none."""
     tracker_project: str = "vae-hf"
@@ -244,6 +267,10 @@ class TrainConfig:
             _require(self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null)")
         _require_choice(self.mixed_precision, "train.mixed_precision", ("no", "fp16", "bf16"))
         _require(self.sample_every_steps >= 1, "train.sample_every_steps", "must be >= 1")
+        if self.eval_every_steps is not None:
+            _require(self.eval_every_steps >= 1, "train.eval_every_steps", "must be >= 1 (or null)")
+        for name in self.eval_metrics:
+            _require_choice(name, "train.eval_metrics", ("psnr", "ssim", "lpips", "rfid"))
         _require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         if self.checkpoint_every_steps is not None:
             _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1 (or null)")
@@ -252,6 +279,12 @@ class TrainConfig:
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         if self.ema_decay is not None:
             _require(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (or null)")
+        if self.push_to_hub:
+            _require(
+                bool(self.hub_repo_id) and "/" in self.hub_repo_id,
+                "train.hub_repo_id",
+                f"must be OWNER/NAME when train.push_to_hub=true, got {self.hub_repo_id!r}",
+            )
         _require_choice(self.report_to, "train.report_to", ("tensorboard", "wandb", "all", "none"))
         if self.report_to in ("wandb", "all"):
             _require(

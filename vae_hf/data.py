@@ -218,6 +218,8 @@ def training_dataset(
 ) -> ImageDataset | IterableDataset:
     """The training split, transformed lazily; streaming data is shuffled in a buffer and split by rank."""
     dataset = load_image_dataset(config)
+    if config.validation_split is None and config.validation_fraction > 0:
+        dataset = _held_out(dataset, config, seed)["train"]
     transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
     if isinstance(dataset, IterableDataset):
         from datasets.distributed import split_dataset_by_node
@@ -228,6 +230,31 @@ def training_dataset(
         return dataset.map(processor, batched=True, remove_columns=dataset.column_names)
     require_a_usable_image(dataset, config)
     return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+
+
+def heldout_dataset(config: DataConfig, seed: int) -> ImageDataset | None:
+    """Images kept out of training for evaluation: `data.validation_split`, else a seeded
+    `data.validation_fraction` of the training split, else None. Centre crops, no flips."""
+    if config.validation_split is not None:
+        dataset = load_image_dataset(config, config.validation_split)
+        if isinstance(dataset, IterableDataset):
+            dataset = Dataset.from_list(list(dataset.take(config.validation_max_images)), features=dataset.features)
+    elif config.validation_fraction > 0:
+        dataset = _held_out(load_image_dataset(config), config, seed)["test"]
+    else:
+        return None
+    if len(dataset) == 0:
+        raise DataError(f"data.validation_split: no images in the held-out set of {config.dataset}")
+    dataset = dataset.select(range(min(len(dataset), config.validation_max_images)))
+    transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
+    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+
+
+def _held_out(dataset: Dataset, config: DataConfig, seed: int):
+    """The same seeded split every time, so training never sees the held-out images."""
+    if len(dataset) < 2:
+        raise DataError(f"data.validation_fraction: {config.dataset} has too few images to hold some out")
+    return dataset.train_test_split(test_size=config.validation_fraction, seed=seed, shuffle=True)
 
 
 def require_a_usable_image(dataset: Dataset, config: DataConfig, limit: int = 1000) -> None:

@@ -28,6 +28,7 @@ from vae_hf.config import Config, flat_hparams, to_yaml
 from vae_hf.discriminator import PatchDiscriminator
 from vae_hf.ema import EMA
 from vae_hf.export import save_vae
+from vae_hf.hub import push_vae_folder, require_push_access
 from vae_hf.losses import (
     adaptive_disc_weight,
     discriminator_loss,
@@ -42,6 +43,7 @@ from vae_hf.perceptual import build_lpips, perceptual_loss, require_vgg_weights
 from vae_hf.progress import TrainProgress
 from vae_hf.samples import save_sample
 from vae_hf.signals import StopRequest
+from vae_hf.validation import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
             require_vgg_weights()  # fail in a second, not after the data and models are built
+        if config.train.push_to_hub:
+            require_push_access()  # not after days of training
         self.accelerator = self._build_accelerator()
         set_seed(config.seed)
         self.progress = TrainProgress()
@@ -96,6 +100,7 @@ class Trainer:
         )
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
+        self.validator = Validator(config, self.accelerator, self.output_dir)
         self._log_start()
 
     # ----------------------------------------------------------------------------------------------
@@ -299,6 +304,8 @@ class Trainer:
         self.accelerator.init_trackers(self.config.train.tracker_project, config=flat_hparams(self.config))
         bar = tqdm(total=self.total_steps, initial=self.progress.global_step, disable=not self.is_main, desc="steps")
         meter = LossMeter()
+        if self.validator.enabled and not self.validator.has_baseline:
+            self.evaluate("baseline")  # the starting model's scores, to read progress against
         with self.stop_request.listening():
             while self.progress.global_step < self.total_steps and self.stop_signal is None:
                 if self._train_epoch(bar, meter):
@@ -309,6 +316,14 @@ class Trainer:
         if self.last_checkpoint_step != self.progress.global_step:  # not already saved at this step's epoch end
             self.save_vae()
             self.save_checkpoint()
+        if self.validator.enabled:
+            self.evaluate("final")
+            self.validator.latent_statistics(
+                self.vae if self.ema is None else self.ema.copy_of(self.vae), self.progress.global_step
+            )
+        if self.config.train.push_to_hub and self.is_main:
+            url = push_vae_folder(self.output_dir / "vae", self.config.train.hub_repo_id, self.config.train.hub_private)
+            print(f"vae-hf: pushed the VAE to {url}", flush=True)
         self.accelerator.end_training()
         self._log_end()
         return self.output_dir / "vae"
@@ -377,6 +392,8 @@ class Trainer:
             self._log(bar, meter)
         if self.progress.global_step == 1 or self.progress.global_step % train.sample_every_steps == 0:
             self.write_sample()
+        if train.eval_every_steps and self.progress.global_step % train.eval_every_steps == 0:
+            self.evaluate("latest")
         if train.checkpoint_every_steps and self.progress.global_step % train.checkpoint_every_steps == 0:
             self.save_checkpoint()
 
@@ -485,6 +502,15 @@ class Trainer:
         shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("rec", "kl", "perceptual", "g_adv", "d_loss")}
         bar.set_postfix(shown, refresh=False)
 
+    def evaluate(self, label: str) -> dict[str, float]:
+        """Held-out scores of the VAE (and of its EMA), logged and recorded in metrics.json."""
+        models = {"eval": self.vae}
+        if self.ema is not None:
+            models["eval_ema"] = self.ema.copy_of(self.vae)
+        values = self.validator.evaluate(models, self.progress.global_step, label)
+        self.accelerator.log(values, step=self.progress.global_step)
+        return values
+
     def write_sample(self) -> Path | None:
         """Reconstructions of the reference images, by the EMA weights when EMA is on."""
         if not self.is_main:
@@ -548,3 +574,12 @@ class Trainer:
                 f"AutoencoderKL.from_pretrained('{folder}')",
                 flush=True,
             )
+            if self.validator.enabled:
+                stats = self.validator.record.get("latent_stats", {})
+                print(f"vae-hf: held-out scores: {self.validator.summary()}", flush=True)
+                if "scaling_factor" in stats:
+                    print(
+                        f"vae-hf: latent std {stats['std']:.4g} -> scaling_factor {stats['scaling_factor']:.5g} "
+                        f"(in {self.validator.path}; store it with vae-hf latent-stats --write)",
+                        flush=True,
+                    )
