@@ -247,6 +247,31 @@ def test_training_with_push_to_hub_uploads_the_vae_at_the_end(image_folder, tmp_
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md"} <= set(calls[1][2])
 
 
+def test_push_at_every_export_pushes_each_epoch_once(image_folder, tmp_path, monkeypatch):
+    from vae_hf.config import load_config
+    from vae_hf.trainer import Trainer
+
+    from conftest import tiny_overrides
+
+    pushed = []
+    monkeypatch.setattr(hub, "require_push_access", lambda: None)
+    monkeypatch.setattr("vae_hf.trainer.require_push_access", lambda: None)
+    monkeypatch.setattr(
+        "vae_hf.trainer.push_vae_folder", lambda folder, repo_id, private, commit_message: pushed.append(commit_message)
+    )
+    overrides = {
+        "train.push_to_hub": "true",
+        "train.hub_repo_id": "someone/tiny-vae",
+        "train.hub_push_every_export": "true",
+        "loss.disc_weight": 0,
+        "train.max_steps": "null",
+        "train.num_epochs": 2,
+        "train.batch_size": 4,
+    }
+    Trainer(load_config(None, tiny_overrides(image_folder, tmp_path / "run", **overrides))).train()
+    assert pushed == ["vae-hf: step 2", "vae-hf: step 4"]  # 8 images, batches of 4: 2 steps an epoch
+
+
 def test_push_to_hub_without_access_fails_before_training(image_folder, tmp_path, monkeypatch):
     import vae_hf.hub as hub
     from vae_hf.config import load_config

@@ -254,6 +254,8 @@ class TrainConfig:
     """OWNER/NAME of the Hub model repo to push to (created if needed)."""
     hub_private: bool = False
     """Create the Hub repo private."""
+    hub_push_every_export: bool = False
+    """With push_to_hub, also push at every export of vae/ (each epoch's end), not only at the end."""
     report_to: str = "tensorboard"
     """Tracker: tensorboard, wandb, all, or none."""
     tracker_project: str = "vae-hf"

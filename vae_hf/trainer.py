@@ -321,9 +321,8 @@ class Trainer:
             self.validator.latent_statistics(
                 self.vae if self.ema is None else self.ema.copy_of(self.vae), self.progress.global_step
             )
-        if self.config.train.push_to_hub and self.is_main:
-            url = push_vae_folder(self.output_dir / "vae", self.config.train.hub_repo_id, self.config.train.hub_private)
-            print(f"vae-hf: pushed the VAE to {url}", flush=True)
+        if self.config.train.push_to_hub and not self.config.train.hub_push_every_export:
+            self.push()
         self.accelerator.end_training()
         self._log_end()
         return self.output_dir / "vae"
@@ -542,8 +541,22 @@ class Trainer:
                 if self.encoder_fingerprint is not None and encoder_fingerprint(vae) != self.encoder_fingerprint:
                     raise RuntimeError(f"model.train_decoder_only: the encoder of {target.name} changed; not exported")
                 save_vae(vae, target)
+        if self.config.train.push_to_hub and self.config.train.hub_push_every_export:
+            self.push()
         self.accelerator.wait_for_everyone()
         return folder
+
+    def push(self) -> None:
+        """Upload vae/ with its model card (main process only)."""
+        if self.is_main:
+            train = self.config.train
+            url = push_vae_folder(
+                self.output_dir / "vae",
+                train.hub_repo_id,
+                train.hub_private,
+                commit_message=f"vae-hf: step {self.progress.global_step}",
+            )
+            print(f"vae-hf: pushed the VAE at step {self.progress.global_step} to {url}", flush=True)
 
     def _write_config(self) -> None:
         if self.is_main:
