@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from vae_hf import evaluation, hub, inference, latent_stats, single_file
+from vae_hf import benchmark, evaluation, hub, inference, latent_stats, single_file
 from vae_hf.checkpointing import CheckpointError
 from vae_hf.config import ConfigError, load_config
 from vae_hf.data import DataError
@@ -175,9 +175,39 @@ def _add_evaluate(commands) -> None:
     )
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_bench(commands) -> None:
+    parser = commands.add_parser("bench", help="trainer vs bare-loop throughput, memory, MFU, data loading")
+    add_train_arguments(parser)
+    parser.add_argument("--steps", type=_positive, default=10, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=_positive, default=3, help="untimed steps first")
+    parser.add_argument("--out", default=None, help="write the report as JSON")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (else known GPUs)")
+    parser.set_defaults(
+        run=lambda args: benchmark.bench_command(
+            args.config, args.overrides, args.steps, args.warmup, args.out, args.peak_tflops
+        )
+    )
+
+
 # Each subcommand adds its parser here and sets `run`, a function of the parsed arguments returning the
 # exit status.
-SUBCOMMANDS = [_add_train, _add_reconstruct, _add_interpolate, _add_latent_stats, _add_export, _add_push, _add_evaluate]
+SUBCOMMANDS = [
+    _add_train,
+    _add_reconstruct,
+    _add_interpolate,
+    _add_latent_stats,
+    _add_export,
+    _add_push,
+    _add_evaluate,
+    _add_bench,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

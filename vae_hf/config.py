@@ -192,6 +192,8 @@ class OptimConfig:
     """Decoupled weight decay (AdamW); 0 is plain Adam."""
     eps: float = 1e-8
     """Adam epsilon."""
+    fused: bool = True
+    """Fused Adam kernels (CUDA and CPU); false: the multi-tensor (foreach) implementation."""
     max_grad_norm: Optional[float] = None
     """Clip each player's gradient norm to this (null: no clipping)."""
     lr_scheduler: str = "constant"

@@ -22,11 +22,15 @@ SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "
 
 
 def build_optimizer(parameters: list[nn.Parameter], config: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """Adam (the seed), or AdamW when weight decay is asked for."""
+    """Adam (the seed), or AdamW when weight decay is asked for; fused kernels when `optim.fused`."""
     betas = (float(config.betas[0]), float(config.betas[1]))
+    # one fused kernel per step instead of a loop of small ones (CUDA and CPU; same update)
+    implementation = {"fused": True} if config.fused else {"foreach": True}
     if config.weight_decay > 0:
-        return torch.optim.AdamW(parameters, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay)
-    return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=config.eps)
+        return torch.optim.AdamW(
+            parameters, lr=lr, betas=betas, eps=config.eps, weight_decay=config.weight_decay, **implementation
+        )
+    return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=config.eps, **implementation)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int):

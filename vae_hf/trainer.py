@@ -90,6 +90,7 @@ class Trainer:
         self.progress = TrainProgress()
         self._stream_position: dict | None = None  # a resumed stream's loader state, applied on iterating
         self.stop_request = StopRequest()
+        self.step_callbacks: list = []  # called with the trainer after each optimizer step (benchmarks)
         self.last_checkpoint_step: int | None = None
         self.consecutive_nonfinite = 0
         self.diverged = False
@@ -380,6 +381,8 @@ class Trainer:
 
     def _after_optimizer_step(self, bar, meter: LossMeter) -> None:
         self.progress.global_step += 1
+        for callback in self.step_callbacks:
+            callback(self)
         if self.diverged:
             self._stop_diverged()
         self.vae_player.advance_schedule()

@@ -1,0 +1,212 @@
+"""`vae-hf bench`: how fast the real trainer runs, against a bare loop doing only the unavoidable work.
+
+Measured in one run, on one config and device: seconds per optimizer step and images/s of the trainer
+(after warm-up; discriminator off, then on), the same for a bare loop (VAE forward/backward, LPIPS,
+discriminator forward/backward, optimizer steps; no data loading, logging, checks or checkpoints), the
+ratio (our overhead), peak memory, the data loader's own images/s, and model FLOPs utilisation (FLOPs
+from PyTorch's counter / step time / the device's peak, when the peak is known or given).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vae_hf.config import Config, load_config
+from vae_hf.losses import discriminator_loss, generator_adversarial_loss, kl_loss, reconstruction_loss
+from vae_hf.perceptual import perceptual_loss
+from vae_hf.trainer import AUTOCAST_DTYPES, Trainer, frozen
+
+# Dense bf16 peak of known accelerators, in FLOP/s (vendor figures); pass --peak-tflops for others.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
+NEVER = 10**9
+
+
+def benchmark(config: Config, steps: int = 10, warmup: int = 3, peak_tflops: float | None = None) -> dict[str, Any]:
+    """Trainer and bare loop, discriminator off and on; returns the JSON-ready report."""
+    with tempfile.TemporaryDirectory(prefix="vae-hf-bench-") as scratch:
+        config = _benchmark_config(config, Path(scratch), steps + warmup)
+        report: dict[str, Any] = {
+            "device": "",
+            "config": {
+                "batch_size": config.train.batch_size,
+                "resolution": config.data.resolution,
+                "mixed_precision": config.train.mixed_precision,
+            },
+        }
+        for disc in ("off", "on"):
+            trainer = _trainer(config, disc_start=NEVER if disc == "off" else 0)
+            report["device"] = _device_name(trainer.accelerator.device)
+            report[f"trainer_disc_{disc}"] = _time_trainer(trainer, warmup)
+            report[f"bare_disc_{disc}"] = _time_bare(trainer, steps, warmup, disc_on=disc == "on")
+            report[f"overhead_disc_{disc}"] = (
+                report[f"trainer_disc_{disc}"]["s_per_step"] / report[f"bare_disc_{disc}"]["s_per_step"]
+            )
+        report["data_loader"] = _time_loader(trainer, steps)
+        report["flops_per_step_disc_on"] = _flops(trainer)
+        report["mfu_disc_on"] = _mfu(report, peak_tflops)
+        report["peak_memory_mb"] = _peak_memory_mb(trainer.accelerator.device)
+        report["versions"] = {"torch": torch.__version__}
+        report["date"] = time.strftime("%Y-%m-%d")
+    return report
+
+
+def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config:
+    """No trackers, samples, evaluation or checkpoints inside the timed steps."""
+    train = replace(
+        config.train,
+        max_steps=total_steps,
+        report_to="none",
+        sample_every_steps=NEVER,
+        log_every_steps=NEVER,
+        checkpoint_every_steps=None,
+        eval_every_steps=None,
+        push_to_hub=False,
+        resume_from=None,
+    )
+    data = replace(config.data, validation_split=None, validation_fraction=0.0)
+    return replace(config, output_dir=str(scratch), train=train, data=data)
+
+
+def _trainer(config: Config, disc_start: int) -> Trainer:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator at a time
+    GradientState._reset_state()
+    return Trainer(replace(config, loss=replace(config.loss, disc_start_step=disc_start)))
+
+
+def _time_trainer(trainer: Trainer, warmup: int) -> dict[str, float]:
+    stamps: list[float] = []
+    trainer.step_callbacks.append(lambda t: stamps.append(_now(t.accelerator.device)))
+    trainer.train()
+    timed = stamps[warmup:-1]  # the last step also logs; excluded like the warm-up
+    return _rates(trainer, (timed[-1] - timed[0]) / max(len(timed) - 1, 1))
+
+
+def _time_bare(trainer: Trainer, steps: int, warmup: int, disc_on: bool) -> dict[str, float]:
+    images = next(iter(trainer.dataloader))["pixel_values"].to(trainer.accelerator.device)
+    step = _bare_step(trainer, images, disc_on)
+    for _ in range(warmup):
+        step()
+    started = _now(trainer.accelerator.device)
+    for _ in range(steps):
+        step()
+    return _rates(trainer, (_now(trainer.accelerator.device) - started) / steps)
+
+
+def _bare_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
+    """The unavoidable work of one step, on fresh fused Adam optimizers over the trainer's models."""
+    loss_config, vae, disc = trainer.config.loss, trainer.vae, trainer.discriminator
+    fused = {"fused": True} if images.device.type in ("cuda", "cpu") else {}
+    opt_g = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-9, **fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-9, **fused) if disc is not None else None
+    dtype = AUTOCAST_DTYPES.get(trainer.config.train.mixed_precision)
+
+    def step() -> None:
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            posterior = vae.encode(images).latent_dist
+            reconstructions = vae.decode(posterior.sample()).sample
+            loss = reconstruction_loss(reconstructions, images, loss_config.reconstruction)
+            loss = loss + loss_config.kl_weight * kl_loss(posterior.mean, posterior.logvar, loss_config.kl_reduction)
+            if trainer.lpips is not None:
+                loss = loss + loss_config.perceptual_weight * perceptual_loss(trainer.lpips, reconstructions, images)
+            if disc_on:
+                with frozen(disc):
+                    loss = loss + loss_config.disc_weight * generator_adversarial_loss(
+                        disc(reconstructions), loss_config.disc_loss
+                    )
+        loss.backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        if disc_on:
+            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+                d_loss = discriminator_loss(disc(images), disc(reconstructions.detach()), loss_config.disc_loss)
+            d_loss.backward()
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _time_loader(trainer: Trainer, batches: int) -> dict[str, float]:
+    """The data pipeline alone, with the configured workers: decode, resize, crop, collate."""
+    started, images = time.perf_counter(), 0
+    for index, batch in enumerate(trainer.dataloader):
+        images += len(batch["pixel_values"])
+        if index + 1 >= batches:
+            break
+    return {"images_per_s": images / (time.perf_counter() - started), "workers": trainer.config.data.num_workers}
+
+
+def _flops(trainer: Trainer) -> float:
+    """FLOPs of one bare step with the discriminator on (PyTorch's counter: matmuls and convolutions)."""
+    images = next(iter(trainer.dataloader))["pixel_values"].to(trainer.accelerator.device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _bare_step(trainer, images, disc_on=trainer.discriminator is not None)()
+    return float(counter.get_total_flops())
+
+
+def _mfu(report: dict[str, Any], peak_tflops: float | None) -> float | None:
+    peak = (
+        peak_tflops * 1e12 if peak_tflops else next((v for k, v in PEAK_FLOPS.items() if k in report["device"]), None)
+    )
+    if peak is None:
+        return None  # an unknown device's peak is not guessed
+    return report["flops_per_step_disc_on"] / report["trainer_disc_on"]["s_per_step"] / peak
+
+
+def _rates(trainer: Trainer, seconds_per_step: float) -> dict[str, float]:
+    train = trainer.config.train
+    images = train.batch_size * train.gradient_accumulation_steps * trainer.accelerator.num_processes
+    return {"s_per_step": seconds_per_step, "images_per_s": images / seconds_per_step}
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # timing only: wait for the queued kernels
+    return time.perf_counter()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = ["| measure | discriminator off | discriminator on |", "| --- | --- | --- |"]
+    for name in ("trainer", "bare"):
+        off, on = report[f"{name}_disc_off"], report[f"{name}_disc_on"]
+        rows.append(
+            f"| {name}: s/step (images/s) | {off['s_per_step']:.4f} ({off['images_per_s']:.1f}) | "
+            f"{on['s_per_step']:.4f} ({on['images_per_s']:.1f}) |"
+        )
+    rows.append(f"| trainer / bare | {report['overhead_disc_off']:.3f} | {report['overhead_disc_on']:.3f} |")
+    mfu = report["mfu_disc_on"]
+    rows.append(f"| MFU | | {'n/a (peak unknown)' if mfu is None else f'{mfu:.1%}'} |")
+    rows.append(f"| data loader images/s | {report['data_loader']['images_per_s']:.1f} | |")
+    return "\n".join(rows)
+
+
+def bench_command(
+    config_path: str | None, overrides: list[str], steps: int, warmup: int, out: str | None, peak_tflops: float | None
+) -> int:
+    report = benchmark(load_config(config_path, overrides), steps, warmup, peak_tflops)
+    print(markdown(report))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
+    return 0
