@@ -33,6 +33,24 @@ def write_images(folder: Path, count: int, size=(40, 48), seed: int = 0) -> list
     return paths
 
 
+def tiny_vae(seed: int = 0, widths=(32, 64), norm_num_groups: int = 32, sample_size: int = 32):
+    """A randomly initialised AutoencoderKL small enough for CPU tests (downsampling 2 for [32, 64])."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    levels = len(widths)
+    return AutoencoderKL(
+        block_out_channels=tuple(widths),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
+    )
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "images"

@@ -26,20 +26,9 @@ from vae_hf.evaluation import (
     inception_features,
 )
 
-from conftest import ROOT
+from conftest import ROOT, tiny_vae
 
 OFFLINE = "cannot reach github.com: offline for this test"
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-    )
 
 
 def toy_features() -> torch.nn.Module:

@@ -32,20 +32,12 @@ from vae_hf.inference import (
 )
 
 from conftest import ROOT, write_images
+from conftest import tiny_vae as conftest_tiny_vae
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """A [32, 64] AutoencoderKL: downsampling factor 2, trained size (sample_size) 32."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        sample_size=32,
-    )
-    return prepare(vae)
+    return prepare(conftest_tiny_vae(seed))
 
 
 @pytest.fixture

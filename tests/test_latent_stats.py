@@ -23,20 +23,13 @@ from vae_hf.latent_stats import (
 )
 
 from conftest import ROOT
+from conftest import tiny_vae as conftest_tiny_vae
 
 RESOLUTION = 32
 
 
 def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        sample_size=RESOLUTION,
-    ).eval()
+    return conftest_tiny_vae(sample_size=RESOLUTION).eval()
 
 
 @pytest.fixture

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-import torch
 import yaml
-from diffusers import AutoencoderKL
 from huggingface_hub import HfApi
 from PIL import Image
 
 import vae_hf.hub as hub
 from vae_hf.cli import main
 from vae_hf.hub import stage_upload
+
+from conftest import tiny_vae
 
 FAKE_TOKEN = "hf_fake_secret_123"
 REPO_ID = "alice/tiny-vae"
@@ -54,14 +54,7 @@ def write_state(checkpoint: Path, global_step: int) -> None:
 def run_output(tmp_path: Path) -> Path:
     """A training output folder as the trainer leaves it: vae/, config.yaml, checkpoints, samples, metrics."""
     output_dir = tmp_path / "run"
-    torch.manual_seed(0)
-    AutoencoderKL(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-    ).save_pretrained(output_dir / "vae")
+    tiny_vae().save_pretrained(output_dir / "vae")
     (output_dir / "config.yaml").write_text(CONFIG_YAML.format(output_dir=output_dir))
     write_state(output_dir / "checkpoints" / "checkpoint-5", 5)
     write_state(output_dir / "checkpoints" / "checkpoint-12", 12)

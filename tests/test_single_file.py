@@ -18,20 +18,11 @@ from vae_hf.model import ModelLoadError, load_vae
 from vae_hf.single_file import LDM_PREFIX, save_single_file
 
 from conftest import ROOT
+from conftest import tiny_vae as conftest_tiny_vae
 
 
 def tiny_vae(widths=(32, 64), norm_num_groups: int = 32, seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    levels = len(widths)
-    vae = AutoencoderKL(
-        block_out_channels=widths,
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        latent_channels=4,
-        norm_num_groups=norm_num_groups,
-    )
-    return vae.eval()
+    return conftest_tiny_vae(seed, widths, norm_num_groups).eval()
 
 
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
