@@ -101,7 +101,7 @@ class Trainer:
         )
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
-        self.validator = Validator(config, self.accelerator, self.output_dir)
+        self.validator = Validator(config, self.accelerator, self.output_dir, resumed=self.progress.global_step > 0)
         self._log_start()
 
     # ----------------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ logger = logging.getLogger(__name__)
 
 
 class Validator:
-    def __init__(self, config: Config, accelerator: Accelerator, output_dir: Path):
+    def __init__(self, config: Config, accelerator: Accelerator, output_dir: Path, resumed: bool = False):
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.json"
-        self.record: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        # a resumed run keeps its baseline; a new run in the same folder starts a new record
+        self.record: dict[str, Any] = json.loads(self.path.read_text()) if resumed and self.path.is_file() else {}
         heldout = heldout_dataset(config.data, config.seed)
         self.loader = None
         if heldout is None:
