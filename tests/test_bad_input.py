@@ -83,7 +83,11 @@ def test_an_unreadable_reference_image_falls_forward_to_the_next_readable_one(tm
 def test_non_finite_gradients_skip_the_update_then_stop_the_run_saved(tmp_path, monkeypatch):
     images = tmp_path / "images"
     write_images(images, 8)
-    trainer = build(images, tmp_path, **{"train.max_steps": 20, "train.max_nonfinite_steps": 3, "loss.disc_weight": 0})
+    trainer = build(
+        images,
+        tmp_path,
+        **{"train.max_steps": 20, "train.max_nonfinite_steps": 3, "train.log_every_steps": 1, "loss.disc_weight": 0},
+    )
     real_loss = trainer.generator_loss
     poisoned_from = 2  # steps 1 and 2 are fine; from the third on the loss is NaN
 

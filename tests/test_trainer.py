@@ -240,3 +240,33 @@ def test_a_failed_vae_export_is_one_clear_error_and_keeps_the_previous_one(image
     with pytest.raises(ExportError, match="No space left on device"):
         trainer.save_vae()
     assert exported.read_bytes() == before
+
+
+def test_no_host_sync_inside_the_steps_between_log_steps(image_folder, tmp_path, monkeypatch):
+    """With fused Adam, a non-finite step is skipped on the device: nothing in a training step reads
+    a tensor on the host (`.item()`, `bool()`, ...) except at log, sample and checkpoint steps."""
+    trainer = build(
+        image_folder,
+        tmp_path,
+        **{"loss.disc_start_step": 0, "train.max_steps": 4, "train.log_every_steps": 1000, "train.ema_decay": 0.9},
+    )
+    host_reads = []
+    counting = [False]
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            if counting[0]:
+                host_reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    # from the bookkeeping of step 2 through every micro-batch of step 3; step 4 logs, step 1 samples
+    trainer.step_callbacks.append(lambda t: counting.__setitem__(0, t.progress.global_step == 2))
+    trainer.train()
+    assert trainer.progress.global_step == 4
+    assert host_reads == []

@@ -26,13 +26,20 @@ class EMA:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * weights, in one fused call over all tensors."""
-        weight = 1.0 - self.current_decay()
-        state = _floating_state(module)
+    def update(self, module: nn.Module, applied: torch.Tensor | None = None) -> None:
+        """shadow <- decay * shadow + (1 - decay) * weights, in one fused call over all tensors.
+
+        `applied` (a 0-dim bool tensor) is whether the optimizer really updated the weights: when it
+        did not, the shadow stays as it is, decided on the device without a host sync.
+        """
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [state[n].float() for n in names], weight)
-        self.updates += 1
+        state = _floating_state(module)
+        weight = torch.tensor(1.0 - self.current_decay(), device=self.shadow[names[0]].device)
+        if applied is not None:
+            weight = weight * applied.to(weight.device, weight.dtype)
+        shadow = [self.shadow[n] for n in names]
+        torch._foreach_lerp_(shadow, [state[n].float() for n in names], [weight] * len(names))
+        self.updates += 1  # counts optimizer steps, skipped ones too (it only paces the warm-up)
 
     def copy_of(self, module: nn.Module) -> nn.Module:
         """A copy of `module` holding the averaged weights (the original is left untouched)."""

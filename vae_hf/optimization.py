@@ -62,18 +62,24 @@ class Player:
         """Accumulate this micro-batch's gradient (Accelerate divides by the accumulation steps)."""
         accelerator.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
 
-    def step(self, accelerator: Accelerator) -> tuple[bool, torch.Tensor]:
+    def step(self, accelerator: Accelerator) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale, clip, update unless the gradients are non-finite, clear.
 
-        Returns whether the update happened and the pre-clip gradient norm. Deciding to skip reads
-        the norm on the host: one sync per optimizer step, the same one a GradScaler makes.
+        Returns (updated, pre-clip gradient norm) as device tensors. With fused Adam the skip happens on
+        the device (the kernel's `found_inf` input, as GradScaler uses it): no host sync. The foreach
+        implementation must read the norm on the host to decide.
         """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf  # inf: measure only
         grad_norm = accelerator.clip_grad_norm_(self.parameters, max_norm)
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
+        finite = torch.isfinite(grad_norm)
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # under Accelerate's wrapper
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            del optimizer.found_inf
+        elif bool(finite):  # note: a host sync
             self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update()  # backs the scale off after an overflow, grows it after a clean run

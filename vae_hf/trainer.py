@@ -93,7 +93,8 @@ class Trainer:
         self.step_callbacks: list = []  # called with the trainer after each optimizer step (benchmarks)
         self.last_checkpoint_step: int | None = None
         self.consecutive_nonfinite = 0
-        self.diverged = False
+        zero = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self._nonfinite = {"consecutive": zero.clone(), "skipped": zero.clone(), "disc_skipped": zero.clone()}
         self._build_data()
         self._build_models()
         self.checkpointer = Checkpointer(
@@ -225,8 +226,8 @@ class Trainer:
         if self.accelerator.sync_gradients:
             updated, breakdown["grad_norm"] = self.vae_player.step(self.accelerator)
             self._count_nonfinite(updated)
-            if updated and self.ema is not None:
-                self.ema.update(self.vae)
+            if self.ema is not None:
+                self.ema.update(self.vae, applied=updated)
         if disc_active:
             breakdown.update(self.discriminator_step(images, reconstructions.detach()))
         return breakdown
@@ -281,21 +282,32 @@ class Trainer:
         }
         if self.accelerator.sync_gradients:
             updated, breakdown["disc_grad_norm"] = player.step(self.accelerator)
-            self.progress.disc_steps_skipped += int(not updated)
+            self._nonfinite["disc_skipped"] += ~updated
         return breakdown
 
-    def _count_nonfinite(self, updated: bool) -> None:
-        """A non-finite VAE gradient skips the update; too many in a row stop the run, saved."""
-        self.consecutive_nonfinite = 0 if updated else self.consecutive_nonfinite + 1
-        self.progress.steps_skipped += int(not updated)
-        if not updated:
+    def _count_nonfinite(self, updated: torch.Tensor) -> None:
+        """Count skipped (non-finite) VAE updates on the device; `_settle_nonfinite` reads them."""
+        counts = self._nonfinite
+        counts["consecutive"] = (counts["consecutive"] + 1) * ~updated
+        counts["skipped"] += ~updated
+
+    def _settle_nonfinite(self) -> bool:
+        """At log and checkpoint steps only (a host sync): move the counts into the progress; True when
+        the last `train.max_nonfinite_steps` updates all had non-finite gradients."""
+        counts = {name: int(value) for name, value in self._nonfinite.items()}
+        self._nonfinite["skipped"].zero_()
+        self._nonfinite["disc_skipped"].zero_()
+        self.progress.steps_skipped += counts["skipped"]
+        self.progress.disc_steps_skipped += counts["disc_skipped"]
+        self.consecutive_nonfinite = counts["consecutive"]
+        if counts["skipped"]:
             logger.warning(
-                "non-finite VAE gradients at step %d: update skipped (%d in a row)",
-                self.progress.global_step + 1,
+                "%d VAE updates skipped for non-finite gradients (up to step %d; %d in a row now)",
+                counts["skipped"],
+                self.progress.global_step,
                 self.consecutive_nonfinite,
             )
-        if self.consecutive_nonfinite >= self.config.train.max_nonfinite_steps:
-            self.diverged = True
+        return self.consecutive_nonfinite >= self.config.train.max_nonfinite_steps
 
     # ----------------------------------------------------------------------------------------------
     # the loop
@@ -383,14 +395,14 @@ class Trainer:
         self.progress.global_step += 1
         for callback in self.step_callbacks:
             callback(self)
-        if self.diverged:
-            self._stop_diverged()
         self.vae_player.advance_schedule()
         if self.disc_player is not None:
             self.disc_player.advance_schedule()
         bar.update(1)
         train = self.config.train
         if self.progress.global_step % train.log_every_steps == 0 or self.progress.global_step == self.total_steps:
+            if self._settle_nonfinite():
+                self._stop_diverged()
             self._log(bar, meter)
         if self.progress.global_step == 1 or self.progress.global_step % train.sample_every_steps == 0:
             self.write_sample()
@@ -437,6 +449,7 @@ class Trainer:
         return {"stream": self.dataloader.state_dict() if self.streaming else None}
 
     def save_checkpoint(self) -> Path:
+        self._settle_nonfinite()
         tensors = None if self.ema is None else {"ema": self.ema.state_dict()[0]}
         path = self.checkpointer.save(
             self.progress.global_step, self.state_dict(), self.model_shape, self.process_state_dict(), tensors
