@@ -250,7 +250,7 @@ def test_push_at_every_export_pushes_each_epoch_once(image_folder, tmp_path, mon
     monkeypatch.setattr(hub, "require_push_access", lambda: None)
     monkeypatch.setattr("vae_hf.trainer.require_push_access", lambda: None)
     monkeypatch.setattr(
-        "vae_hf.trainer.push_vae_folder", lambda folder, repo_id, private, commit_message: pushed.append(commit_message)
+        "vae_hf.outputs.push_vae_folder", lambda folder, repo_id, private, commit_message: pushed.append(commit_message)
     )
     overrides = {
         "train.push_to_hub": "true",

@@ -6,6 +6,7 @@ pipelines load, so whatever we train drops straight into them.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,6 +80,17 @@ def freeze_encoder(vae: AutoencoderKL) -> None:
 def decoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
     """The weight LDM's adaptive discriminator weight is measured on."""
     return vae.decoder.conv_out.weight
+
+
+def encoder_fingerprint(vae: AutoencoderKL) -> str:
+    """SHA-256 of the encoder's and quant_conv's weights: the part that maps images to latents."""
+    digest = hashlib.sha256()
+    parts = [vae.encoder] + ([vae.quant_conv] if vae.quant_conv is not None else [])
+    for part in parts:
+        for name, value in sorted(part.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class VAEOutput(NamedTuple):

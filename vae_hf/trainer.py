@@ -8,27 +8,23 @@ step, maybe log, maybe write a sample; at the end of each epoch and of the run, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from datasets import IterableDataset
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
 from vae_hf import data as vae_data
-from vae_hf.checkpointing import Checkpointer, model_shape, read_tensors
-from vae_hf.config import Config, flat_hparams, to_yaml
+from vae_hf.checkpointing import Checkpointer
+from vae_hf.config import Config, flat_hparams
 from vae_hf.discriminator import PatchDiscriminator
 from vae_hf.ema import EMA
-from vae_hf.export import save_vae
-from vae_hf.hub import push_vae_folder, require_push_access
+from vae_hf.hub import require_push_access
 from vae_hf.losses import (
     adaptive_disc_weight,
     discriminator_loss,
@@ -37,21 +33,18 @@ from vae_hf.losses import (
     reconstruction_loss,
 )
 from vae_hf.meter import LossMeter
-from vae_hf.model import VAETrainingModule, build_vae, decoder_last_layer
+from vae_hf.model import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
 from vae_hf.optimization import Player, build_optimizer, build_scheduler
+from vae_hf.outputs import OutputsMixin
 from vae_hf.perceptual import build_lpips, perceptual_loss, require_vgg_weights
 from vae_hf.progress import TrainProgress
-from vae_hf.samples import save_sample
+from vae_hf.resumable import CheckpointingMixin, TrainingDiverged  # noqa: F401 (re-exported)
 from vae_hf.signals import StopRequest
 from vae_hf.validation import Validator
 
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the state was saved before stopping."""
 
 
 @contextlib.contextmanager
@@ -66,18 +59,7 @@ def frozen(module: nn.Module):
             parameter.requires_grad_(flag)
 
 
-def encoder_fingerprint(vae) -> str:
-    """SHA-256 of the encoder's and quant_conv's weights: the part that maps images to latents."""
-    digest = hashlib.sha256()
-    parts = [vae.encoder] + ([vae.quant_conv] if vae.quant_conv is not None else [])
-    for part in parts:
-        for name, value in sorted(part.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class Trainer:
+class Trainer(CheckpointingMixin, OutputsMixin):
     def __init__(self, config: Config):
         self.config = config
         self.output_dir = Path(config.output_dir)
@@ -410,205 +392,3 @@ class Trainer:
             self.evaluate("latest")
         if train.checkpoint_every_steps and self.progress.global_step % train.checkpoint_every_steps == 0:
             self.save_checkpoint()
-
-    # ----------------------------------------------------------------------------------------------
-    # checkpoints and resuming
-
-    @property
-    def model_shape(self) -> dict:
-        loss = self.config.loss
-        disc = (
-            None
-            if self.disc_player is None
-            else {"channels": loss.disc_channels, "num_layers": loss.disc_num_layers, "norm": loss.disc_norm}
-        )
-        return model_shape(dict(self.vae.config), disc)
-
-    def state_dict(self) -> dict:
-        """What Accelerate's save_state does not hold: counters, data position, schedules, scalers."""
-        players = {"vae": self.vae_player, "discriminator": self.disc_player}
-        return {
-            "num_processes": self.accelerator.num_processes,
-            "progress": self.progress.state_dict(),
-            "schedulers": {name: p.scheduler.state_dict() for name, p in players.items() if p is not None},
-            "scalers": {name: p.scaler.state_dict() for name, p in players.items() if p is not None and p.scaler},
-            "ema": None if self.ema is None else self.ema.state_dict()[1],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.progress.load_state_dict(state["progress"])
-        players = {"vae": self.vae_player, "discriminator": self.disc_player}
-        for name, scheduler_state in state["schedulers"].items():
-            players[name].scheduler.load_state_dict(scheduler_state)
-        for name, scaler_state in state["scalers"].items():
-            if players[name].scaler is not None:
-                players[name].scaler.load_state_dict(scaler_state)
-
-    def process_state_dict(self) -> dict:
-        """What differs between processes: each rank's position in its shard of a stream."""
-        return {"stream": self.dataloader.state_dict() if self.streaming else None}
-
-    def save_checkpoint(self) -> Path:
-        self._settle_nonfinite()
-        tensors = None if self.ema is None else {"ema": self.ema.state_dict()[0]}
-        path = self.checkpointer.save(
-            self.progress.global_step, self.state_dict(), self.model_shape, self.process_state_dict(), tensors
-        )
-        self.last_checkpoint_step = self.progress.global_step
-        return path
-
-    def resume(self, resume_from: str) -> None:
-        path = self.checkpointer.resolve(resume_from)
-        if path is None:
-            if self.is_main:
-                print(f"vae-hf: no checkpoint in {self.checkpointer.folder} yet; starting a new run", flush=True)
-            return
-        state, process_state = self.checkpointer.load(path, self.model_shape)
-        self.load_state_dict(state)
-        if self.ema is not None:
-            if state.get("ema") is None:  # EMA switched on for a run that had none: start it from here
-                self.ema = EMA(self.vae, self.config.train.ema_decay)
-            else:
-                self.ema.load_state_dict(read_tensors(path, "ema"), state["ema"])
-        if self.streaming and self.progress.batches_in_epoch > 0:
-            self._stream_position = process_state["stream"]
-        if self.is_main:
-            print(
-                f"vae-hf: resumed from {path} at step {self.progress.global_step} (epoch {self.progress.epoch}, "
-                f"batch {self.progress.batches_in_epoch})",
-                flush=True,
-            )
-
-    def _stop_diverged(self) -> None:
-        path = self.save_checkpoint()
-        raise TrainingDiverged(
-            f"{self.consecutive_nonfinite} optimizer steps in a row had non-finite gradients "
-            f"(step {self.progress.global_step}); "
-            f"stopped instead of training on garbage. State saved to {path}: lower optim.lr, set optim.max_grad_norm, "
-            f"or use train.mixed_precision=bf16, then resume with train.resume_from=latest"
-        )
-
-    def _stop_for_signal(self) -> Path:
-        path = self.save_checkpoint()
-        self.accelerator.end_training()
-        if self.is_main:
-            print(
-                f"vae-hf: stopped by {self.stop_signal} at step {self.progress.global_step}; state saved to {path}. "
-                f"Resume with: train.resume_from=latest (same config and output_dir)",
-                flush=True,
-            )
-        return path
-
-    # ----------------------------------------------------------------------------------------------
-    # outputs
-
-    def _log(self, bar, meter: LossMeter) -> None:
-        """The only place the loop waits for the device: `.item()` on the averaged breakdown."""
-        values = meter.flush(self.accelerator.num_processes)
-        values["lr"] = self.vae_player.lr
-        if self.disc_player is not None:
-            values["disc_lr"] = self.disc_player.lr
-        values["images_skipped"] = self.progress.images_skipped
-        values["steps_skipped_nonfinite"] = self.progress.steps_skipped
-        if self.disc_player is not None:
-            values["disc_steps_skipped_nonfinite"] = self.progress.disc_steps_skipped
-        values["epoch"] = self.progress.epoch
-        self.accelerator.log(values, step=self.progress.global_step)
-        shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("rec", "kl", "perceptual", "g_adv", "d_loss")}
-        bar.set_postfix(shown, refresh=False)
-
-    def evaluate(self, label: str) -> dict[str, float]:
-        """Held-out scores of the VAE (and of its EMA), logged and recorded in metrics.json."""
-        models = {"eval": self.vae}
-        if self.ema is not None:
-            models["eval_ema"] = self.ema.copy_of(self.vae)
-        values = self.validator.evaluate(models, self.progress.global_step, label)
-        self.accelerator.log(values, step=self.progress.global_step)
-        return values
-
-    def write_sample(self) -> Path | None:
-        """Reconstructions of the reference images, by the EMA weights when EMA is on."""
-        if not self.is_main:
-            return None
-        vae = self.vae if self.ema is None else self.ema.copy_of(self.vae)
-        path = save_sample(vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)
-        self._log_sample(path)
-        return path
-
-    def _log_sample(self, path: Path) -> None:
-        """The sample grid in the trackers too, next to the loss curves."""
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"samples": pixels[None]}, step=self.progress.global_step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                tracker.log_images({"samples": [pixels]}, step=self.progress.global_step)
-
-    def save_vae(self) -> Path:
-        """Export `vae/` (and `vae_ema/`), after checking a decoder-only run left the encoder as it was."""
-        self.accelerator.wait_for_everyone()
-        folder = self.output_dir / "vae"
-        if self.is_main:
-            exports = {folder: self.vae}
-            if self.ema is not None:
-                exports[self.output_dir / "vae_ema"] = self.ema.copy_of(self.vae)
-            for target, vae in exports.items():
-                if self.encoder_fingerprint is not None and encoder_fingerprint(vae) != self.encoder_fingerprint:
-                    raise RuntimeError(f"model.train_decoder_only: the encoder of {target.name} changed; not exported")
-                save_vae(vae, target)
-        if self.config.train.push_to_hub and self.config.train.hub_push_every_export:
-            self.push()
-        self.accelerator.wait_for_everyone()
-        return folder
-
-    def push(self) -> None:
-        """Upload vae/ with its model card (main process only)."""
-        if self.is_main:
-            train = self.config.train
-            url = push_vae_folder(
-                self.output_dir / "vae",
-                train.hub_repo_id,
-                train.hub_private,
-                commit_message=f"vae-hf: step {self.progress.global_step}",
-            )
-            print(f"vae-hf: pushed the VAE at step {self.progress.global_step} to {url}", flush=True)
-
-    def _write_config(self) -> None:
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
-
-    def _log_start(self) -> None:
-        if not self.is_main:
-            return
-        train, accelerator = self.config.train, self.accelerator
-        effective = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
-        size = "streaming" if self.dataset_size is None else f"{self.dataset_size} images"
-        print(
-            f"vae-hf: {accelerator.num_processes} x {accelerator.device.type}, precision {train.mixed_precision}, "
-            f"effective batch {effective} ({train.batch_size} x {train.gradient_accumulation_steps} accumulation x "
-            f"{accelerator.num_processes} processes), {self.total_steps} steps, data: {size}",
-            flush=True,
-        )
-
-    def _log_end(self) -> None:
-        if self.is_main:
-            folder = (self.output_dir / "vae").resolve()
-            skipped = (
-                f"; {self.progress.images_skipped} unreadable images skipped" if self.progress.images_skipped else ""
-            )
-            print(
-                f"vae-hf: done after {self.progress.global_step} steps{skipped}. VAE saved to {folder}; load it with "
-                f"AutoencoderKL.from_pretrained('{folder}')",
-                flush=True,
-            )
-            if self.validator.enabled:
-                stats = self.validator.record.get("latent_stats", {})
-                print(f"vae-hf: held-out scores: {self.validator.summary()}", flush=True)
-                if "scaling_factor" in stats:
-                    print(
-                        f"vae-hf: latent std {stats['std']:.4g} -> scaling_factor {stats['scaling_factor']:.5g} "
-                        f"(in {self.validator.path}; store it with vae-hf latent-stats --write)",
-                        flush=True,
-                    )
