@@ -270,3 +270,39 @@ def test_no_host_sync_inside_the_steps_between_log_steps(image_folder, tmp_path,
     trainer.train()
     assert trainer.progress.global_step == 4
     assert host_reads == []
+
+
+def test_channels_last_trains_the_same_way(image_folder, tmp_path, monkeypatch):
+    """NHWC memory order is a layout change only: the first step's gradients match NCHW's."""
+    from vae_hf.optimization import Player
+
+    applied = []
+    real_step = Player.step
+
+    def recording_step(player, accelerator):
+        applied.append([p.grad.clone() for p in player.parameters])
+        return real_step(player, accelerator)
+
+    monkeypatch.setattr(Player, "step", recording_step)
+    common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
+    trainers = {}
+    for flag in ("false", "true"):
+        trainers[flag] = build(image_folder, tmp_path / flag, **common, **{"train.channels_last": flag})
+        trainers[flag].train()
+    conv = trainers["true"].vae.decoder.conv_out.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    nchw, nhwc = applied
+    scale = max(g.abs().max().item() for g in nchw)
+    for grad_nchw, grad_nhwc in zip(nchw, nhwc, strict=True):
+        torch.testing.assert_close(grad_nhwc, grad_nchw, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_tf32_switch_sets_the_backends(image_folder, tmp_path):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        build(image_folder, tmp_path / "off", **{"train.allow_tf32": "false"})
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        build(image_folder, tmp_path / "on", **{"train.allow_tf32": "true"})
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

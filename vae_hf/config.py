@@ -246,6 +246,10 @@ class TrainConfig:
     """null, latest, or a checkpoint folder."""
     max_nonfinite_steps: int = 25
     """Consecutive steps with non-finite gradients (skipped) after which the run saves and stops."""
+    channels_last: bool = False
+    """Keep images and convolution weights in NHWC memory order (faster convolutions on tensor cores)."""
+    allow_tf32: bool = True
+    """Let CUDA matmuls and cuDNN convolutions use TF32 on Ampere and newer (no effect elsewhere)."""
     gradient_checkpointing: bool = False
     """Recompute the VAE's activations in the backward pass: less memory, about a third more compute."""
     ema_decay: Optional[float] = None
