@@ -26,6 +26,30 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
     return {name for name, value in module.named_parameters() if not torch.equal(before[name], value)}
 
 
+@pytest.fixture
+def applied_gradients(monkeypatch) -> list[list[torch.Tensor]]:
+    """The gradients each optimizer step applies, in order, recorded at the real Player.step."""
+    from vae_hf.optimization import Player
+
+    applied = []
+    real_step = Player.step
+
+    def recording_step(player, accelerator):
+        applied.append([p.grad.clone() for p in player.parameters])
+        return real_step(player, accelerator)
+
+    monkeypatch.setattr(Player, "step", recording_step)
+    return applied
+
+
+def assert_same_gradients(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    """Equal up to float summation order, relative to the largest gradient (which must be non-zero)."""
+    scale = max(g.abs().max().item() for g in expected)
+    assert scale > 0
+    for grad_actual, grad_expected in zip(actual, expected, strict=True):
+        torch.testing.assert_close(grad_actual, grad_expected, rtol=1e-4, atol=1e-5 * scale)
+
+
 def first_images(trainer: Trainer) -> torch.Tensor:
     return next(iter(trainer.dataloader))["pixel_values"]
 
@@ -126,23 +150,14 @@ def test_adaptive_weight_is_computed_only_when_the_discriminator_is_on(image_fol
     assert len(weights) == 1 and weights[0] > 0
 
 
-def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, monkeypatch):
+def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, applied_gradients):
     """The gradient a step applies is the same for 4 micro-batches of 1 as for 1 batch of 4.
 
     (Weights after Adam are not compared: its first update is about lr * sign(grad), which turns
     float-rounding noise in gradients that are really zero into differences of 2 * lr, and every
     later gradient inherits them.)
     """
-    from vae_hf.optimization import Player
-
-    applied = []
-    real_step = Player.step
-
-    def recording_step(player, accelerator):
-        applied.append([p.grad.clone() for p in player.parameters])
-        return real_step(player, accelerator)
-
-    monkeypatch.setattr(Player, "step", recording_step)
+    applied = applied_gradients
     common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
     build(
         image_folder, tmp_path / "a", **common, **{"train.batch_size": 1, "train.gradient_accumulation_steps": 4}
@@ -151,10 +166,7 @@ def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, mo
         image_folder, tmp_path / "b", **common, **{"train.batch_size": 4, "train.gradient_accumulation_steps": 1}
     ).train()
     accumulated, large = applied
-    scale = max(g.abs().max().item() for g in large)
-    assert scale > 0
-    for grad_accumulated, grad_large in zip(accumulated, large, strict=True):
-        torch.testing.assert_close(grad_accumulated, grad_large, rtol=1e-4, atol=1e-5 * scale)
+    assert_same_gradients(accumulated, large)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -272,18 +284,9 @@ def test_no_host_sync_inside_the_steps_between_log_steps(image_folder, tmp_path,
     assert host_reads == []
 
 
-def test_channels_last_trains_the_same_way(image_folder, tmp_path, monkeypatch):
+def test_channels_last_trains_the_same_way(image_folder, tmp_path, applied_gradients):
     """NHWC memory order is a layout change only: the first step's gradients match NCHW's."""
-    from vae_hf.optimization import Player
-
-    applied = []
-    real_step = Player.step
-
-    def recording_step(player, accelerator):
-        applied.append([p.grad.clone() for p in player.parameters])
-        return real_step(player, accelerator)
-
-    monkeypatch.setattr(Player, "step", recording_step)
+    applied = applied_gradients
     common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
     trainers = {}
     for flag in ("false", "true"):
@@ -292,9 +295,7 @@ def test_channels_last_trains_the_same_way(image_folder, tmp_path, monkeypatch):
     conv = trainers["true"].vae.decoder.conv_out.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     nchw, nhwc = applied
-    scale = max(g.abs().max().item() for g in nchw)
-    for grad_nchw, grad_nhwc in zip(nchw, nhwc, strict=True):
-        torch.testing.assert_close(grad_nhwc, grad_nchw, rtol=1e-4, atol=1e-5 * scale)
+    assert_same_gradients(nhwc, nchw)
 
 
 def test_tf32_switch_sets_the_backends(image_folder, tmp_path):
