@@ -126,8 +126,8 @@ class Trainer(CheckpointingMixin, OutputsMixin):
         train = self.config.train
         if train.max_steps is not None:
             return train.max_steps
-        self.steps_per_epoch = math.ceil(len(self.dataloader) / train.gradient_accumulation_steps)
-        return train.num_epochs * self.steps_per_epoch
+        steps_per_epoch = math.ceil(len(self.dataloader) / train.gradient_accumulation_steps)
+        return train.num_epochs * steps_per_epoch
 
     def _build_models(self) -> None:
         config, accelerator = self.config, self.accelerator
