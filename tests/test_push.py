@@ -11,13 +11,16 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 import yaml
+from diffusers import AutoencoderKL
 from huggingface_hub import HfApi
 from PIL import Image
 
 import vae_hf.hub as hub
 from vae_hf.cli import main
 from vae_hf.hub import stage_upload
+from vae_hf.single_file import save_single_file
 
 from conftest import tiny_vae
 
@@ -190,9 +193,72 @@ def test_push_without_a_token_fails_at_once(run_output: Path, hub_reachable, mon
     assert hub_reachable == {}
 
 
-def test_push_refuses_what_is_not_a_local_diffusers_folder(tmp_path: Path, hub_reachable, capsys):
-    assert_push_fails(["--model", "stabilityai/sd-vae-ft-mse", "--repo-id", REPO_ID], capsys, "local diffusers folder")
-    assert_push_fails(["--model", str(tmp_path), "--repo-id", REPO_ID], capsys, "local diffusers folder")
+def uploaded_weights(hub_reachable: dict, monkeypatch) -> dict:
+    """Make the recorder also load the VAE that would be uploaded (the staging copy is gone afterwards)."""
+    record = HfApi.upload_folder
+
+    def upload_folder(self, **kwargs):
+        record(self, **kwargs)
+        hub_reachable["uploaded_state"] = AutoencoderKL.from_pretrained(kwargs["folder_path"]).state_dict()
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return hub_reachable
+
+
+def assert_same_weights(state: dict, vae) -> None:
+    expected = vae.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_push_of_a_single_file_uploads_it_as_a_diffusers_folder(tmp_path: Path, hub_reachable, monkeypatch, capsys):
+    vae = tiny_vae(seed=3)
+    single = save_single_file(vae, tmp_path / "my-vae.safetensors")
+    calls = uploaded_weights(hub_reachable, monkeypatch)
+    assert main(["push", "--model", str(single), "--repo-id", REPO_ID]) == 0, capsys.readouterr().err
+    upload = calls["upload_folder"]
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md"} <= set(upload["files"])
+    assert "my-vae.safetensors" not in upload["files"]  # the LDM layout is converted, not uploaded as well
+    assert f'AutoencoderKL.from_pretrained("{REPO_ID}")' in upload["card"] and "block widths [32, 64]" in upload["card"]
+    assert_same_weights(calls["uploaded_state"], vae)
+    assert not Path(upload["folder_path"]).exists()
+
+
+def test_push_of_a_hub_id_downloads_it_then_uploads_a_diffusers_folder(
+    tmp_path: Path, hub_reachable, monkeypatch, capsys
+):
+    vae = tiny_vae(seed=4)
+    vae.save_pretrained(tmp_path / "downloaded")
+    downloads = []
+    load = AutoencoderKL.from_pretrained.__func__
+
+    def from_pretrained(cls, source, **kwargs):  # stands in for the Hub download
+        if source == "someone/their-vae":
+            downloads.append(source)
+            source = str(tmp_path / "downloaded")
+        return load(cls, source, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", classmethod(from_pretrained))
+    calls = uploaded_weights(hub_reachable, monkeypatch)
+    assert main(["push", "--model", "someone/their-vae", "--repo-id", REPO_ID]) == 0, capsys.readouterr().err
+    assert downloads == ["someone/their-vae"] and calls["upload_folder"]["repo_id"] == REPO_ID
+    assert_same_weights(calls["uploaded_state"], vae)
+
+
+def test_push_of_a_hub_id_while_offline_fails_at_once_before_any_download(hub_reachable, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_push_fails(["--model", "someone/their-vae", "--repo-id", REPO_ID], capsys, "HF_HUB_OFFLINE")
+    assert hub_reachable == {}
+
+
+def test_push_refuses_what_is_not_a_vae(tmp_path: Path, hub_reachable, capsys):
+    assert_push_fails(["--model", str(tmp_path), "--repo-id", REPO_ID], capsys, "diffusers folder")
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert_push_fails(["--model", str(tmp_path / "notes.txt"), "--repo-id", REPO_ID], capsys, "Hub model id")
+    assert_push_fails(["--model", str(tmp_path / "missing.safetensors"), "--repo-id", REPO_ID], capsys, "--model")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    assert_push_fails(["--model", str(tmp_path / "junk.safetensors"), "--repo-id", REPO_ID], capsys, "--model")
     assert hub_reachable == {}
 
 

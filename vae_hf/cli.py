@@ -125,8 +125,14 @@ def _add_export(commands) -> None:
 
 
 def _add_push(commands) -> None:
-    parser = commands.add_parser("push", help="upload a diffusers VAE folder with a model card to the Hub")
-    parser.add_argument("--model", required=True, help="local diffusers folder, e.g. <output_dir>/vae")
+    parser = commands.add_parser(
+        "push", help="upload a VAE (folder, single file or Hub id) with a model card to the Hub"
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="diffusers folder (e.g. <output_dir>/vae), single-file .safetensors or Hub model id",
+    )
     parser.add_argument("--repo-id", required=True, help="OWNER/NAME of the Hub model repo (created if needed)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--commit-message", default=hub.DEFAULT_COMMIT_MESSAGE)

@@ -98,16 +98,49 @@ def push_vae_folder(
 
 
 def push_command(model: str, repo_id: str, private: bool, commit_message: str, license_id: str | None = None) -> int:
-    """`vae-hf push`: upload the folder with its model card and say where it went."""
-    url = push_vae_folder(Path(model), repo_id, private, commit_message, license_id)
+    """`vae-hf push`: upload a VAE with its model card and say where it went.
+
+    `model` is a local diffusers folder (pushed as it is), a single-file .safetensors or a Hub model id
+    (both loaded, then pushed as a diffusers folder: config.json + safetensors weights). Local input is
+    checked before the Hub is contacted; a Hub id is downloaded only once pushing is known to be possible.
+    """
+    check_repo_id(repo_id)
+    source = Path(model).expanduser()
+    is_hub_id = not (source.exists() or source.suffix == ".safetensors" or model.startswith((".", "/", "~")))
+    with tempfile.TemporaryDirectory(prefix="vae-hf-convert-") as temporary:
+        converted = Path(temporary) / "vae"
+        if source.is_dir():
+            folder = check_vae_folder(source)
+        elif not is_hub_id:
+            folder = _as_diffusers_folder(model, converted)
+        require_push_access()
+        if is_hub_id:
+            folder = _as_diffusers_folder(model, converted)
+        url = push_vae_folder(folder, repo_id, private, commit_message, license_id)
     print(f"pushed {model} to {url}")
     return 0
 
 
+def _as_diffusers_folder(model: str, folder: Path) -> Path:
+    """Load a single file or a Hub VAE (failing in one line as `model.pretrained` does) and save it as a folder."""
+    from vae_hf.export import save_vae
+    from vae_hf.model import ModelLoadError, load_vae  # model.py imports this module
+
+    if Path(model).exists() and Path(model).suffix != ".safetensors":
+        raise PushError(
+            f"--model must be a diffusers folder, a single-file .safetensors or a Hub model id, got {model}"
+        )
+    try:
+        vae = load_vae(model)
+    except ModelLoadError as error:
+        raise PushError(str(error).replace("model.pretrained", "--model", 1)) from None
+    return save_vae(vae, folder)
+
+
 def check_vae_folder(folder: Path) -> Path:
-    """Only a local diffusers folder is pushed: a Hub id is already on the Hub, a single file has no config."""
+    """A folder is pushed as it is, so it must already be a diffusers VAE."""
     if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-        raise PushError(f"--model must be a local diffusers folder (config.json + *.safetensors), got {folder}")
+        raise PushError(f"--model must be a diffusers folder (config.json + *.safetensors), got {folder}")
     return folder.resolve()  # `.` has no name to stage it under
 
 

@@ -7,7 +7,6 @@ and would then unscale the second player's gradients with a scale they were not 
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -71,8 +70,10 @@ class Player:
         """
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.max_grad_norm if self.max_grad_norm is not None else math.inf  # inf: measure only
-        grad_norm = accelerator.clip_grad_norm_(self.parameters, max_norm)
+        if self.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        else:  # measure only: clipping at infinity would still multiply every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
         finite = torch.isfinite(grad_norm)
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # under Accelerate's wrapper
         if optimizer.defaults.get("fused"):
