@@ -307,3 +307,50 @@ def test_tf32_switch_sets_the_backends(image_folder, tmp_path):
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def compiled_and_eager_gradients(image_folder, tmp_path, applied, backend: str, **overrides):
+    """The gradients of the same few steps, eager then compiled, and dynamo's counters for the compiled run."""
+    from torch._dynamo.utils import counters
+
+    common = {"model.sample_posterior": "false", **overrides}
+    build(image_folder, tmp_path / "eager", **common).train()
+    eager = list(applied)
+    applied.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = build(
+        image_folder, tmp_path / backend, **common, **{"train.compile": "true", "train.compile_backend": backend}
+    )
+    trainer.train()
+    return trainer, eager, list(applied), {name: dict(values) for name, values in counters.items()}
+
+
+def test_compiled_training_takes_the_same_steps(image_folder, tmp_path, applied_gradients):
+    """train.compile traces the encoder, decoder, LPIPS and discriminator whole (no graph break) and
+    changes nothing but speed: the same gradients, step after step, for both players."""
+    trainer, eager, compiled, counts = compiled_and_eager_gradients(
+        image_folder, tmp_path, applied_gradients, "aot_eager", **{"loss.disc_start_step": 0, "train.max_steps": 3}
+    )
+    assert len(compiled) == len(eager) == 6  # VAE and discriminator, 3 steps
+    for actual, expected in zip(compiled, eager, strict=True):
+        assert_same_gradients(actual, expected)
+    assert counts["stats"]["unique_graphs"] >= 4 and not counts.get("graph_break")
+    for module in (trainer.vae.encoder, trainer.vae.decoder, trainer.lpips, trainer.discriminator):
+        assert module._compiled_call_impl is not None
+    exported = (tmp_path / "aot_eager" / "run" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert b"_orig_mod" not in exported[:100_000]  # parameter names as in eager mode
+
+
+def test_inductor_compiled_vae_trains_like_eager(image_folder, tmp_path, applied_gradients):
+    """The real backend (generated C++ kernels on the CPU): the VAE's first steps match eager mode's
+    up to the float reordering of fused kernels."""
+    _, eager, compiled, counts = compiled_and_eager_gradients(
+        image_folder, tmp_path, applied_gradients, "inductor", **{"loss.disc_weight": 0, "loss.perceptual_weight": 0}
+    )
+    assert counts["stats"]["unique_graphs"] >= 2 and not counts.get("graph_break")
+    assert len(compiled) == len(eager) == 2
+    for actual, expected in zip(compiled, eager, strict=True):
+        scale = max(g.abs().max().item() for g in expected)
+        for grad_actual, grad_expected in zip(actual, expected, strict=True):
+            torch.testing.assert_close(grad_actual, grad_expected, rtol=1e-3, atol=1e-4 * scale)

@@ -250,6 +250,13 @@ class TrainConfig:
     """Keep images and convolution weights in NHWC memory order (faster convolutions on tensor cores)."""
     allow_tf32: bool = True
     """Let CUDA matmuls and cuDNN convolutions use TF32 on Ampere and newer (no effect elsewhere)."""
+    compile: bool = False
+    """torch.compile the VAE's encoder and decoder, LPIPS and the discriminator (the first steps pay for it)."""
+    compile_mode: str = "default"
+    """Inductor's mode: default, max-autotune or max-autotune-no-cudagraphs (reduce-overhead's CUDA graphs would
+    overwrite outputs the step still holds, so it is not offered)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (generated kernels); aot_eager or eager to isolate a compilation problem."""
     gradient_checkpointing: bool = False
     """Recompute the VAE's activations in the backward pass: less memory, about a third more compute."""
     ema_decay: Optional[float] = None
@@ -284,6 +291,10 @@ class TrainConfig:
             _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1 (or null)")
         if self.checkpoints_total_limit is not None:
             _require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1 (or null)")
+        _require_choice(
+            self.compile_mode, "train.compile_mode", ("default", "max-autotune", "max-autotune-no-cudagraphs")
+        )
+        _require_choice(self.compile_backend, "train.compile_backend", ("inductor", "aot_eager", "eager"))
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         if self.ema_decay is not None:
             _require(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (or null)")

@@ -143,6 +143,8 @@ class Trainer(CheckpointingMixin, OutputsMixin):
         vae.to(memory_format=self.memory_format)
         if self.lpips is not None:
             self.lpips.to(memory_format=self.memory_format)
+        if config.train.compile:
+            self._compile(vae.encoder, vae.decoder, self.lpips)
         # What a decoder-only fine-tune must never change: checked again at every export.
         self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
         self.vae_player = self._player(VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr)
@@ -155,7 +157,21 @@ class Trainer(CheckpointingMixin, OutputsMixin):
             if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
                 discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
             discriminator.to(memory_format=self.memory_format)
+            if config.train.compile:
+                self._compile(discriminator)
             self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr)
+
+    def _compile(self, *modules: nn.Module | None) -> None:
+        """Compile in place (`Module.compile`): parameter names, checkpoints and exports stay as in eager mode.
+
+        The parts compiled are the ones that hold the compute; the posterior's sampling (a torch.Generator) and the
+        losses stay eager. The discriminator gets a second graph for its frozen use in the generator loss.
+        """
+        train = self.config.train
+        options = {"mode": train.compile_mode} if train.compile_backend == "inductor" else {}
+        for module in modules:
+            if module is not None:
+                module.compile(backend=train.compile_backend, **options)
 
     def _player(self, model: nn.Module, lr: float) -> Player:
         config = self.config
