@@ -354,3 +354,28 @@ def test_inductor_compiled_vae_trains_like_eager(image_folder, tmp_path, applied
         scale = max(g.abs().max().item() for g in expected)
         for grad_actual, grad_expected in zip(actual, expected, strict=True):
             torch.testing.assert_close(grad_actual, grad_expected, rtol=1e-3, atol=1e-4 * scale)
+
+
+def epoch_batches(trainer: Trainer, epochs: int) -> list[torch.Tensor]:
+    """Every batch of the first `epochs` epochs, as the training loop draws them."""
+    batches = []
+    for epoch in range(epochs):
+        trainer.progress.epoch = epoch
+        batches.append(torch.cat([batch["pixel_values"] for batch in trainer._epoch_batches()]))
+    return batches
+
+
+def test_persistent_workers_follow_the_epoch_of_augmentation(image_folder, tmp_path):
+    """Workers started once still crop and flip each epoch as the (seed, epoch, index) generators say:
+    the same batches as loading in the main process, and new ones each epoch."""
+    augmented = {"data.center_crop": "false", "data.random_flip": "true", "train.batch_size": 4}
+    main_process = epoch_batches(build(image_folder, tmp_path / "main", **augmented), 3)
+    trainer = build(
+        image_folder, tmp_path / "workers", **augmented, **{"data.num_workers": 2, "data.persistent_workers": "true"}
+    )
+    workers = []
+    for epoch, batches in enumerate(epoch_batches(trainer, 3)):
+        torch.testing.assert_close(batches, main_process[epoch], rtol=0, atol=0)
+        workers.append(tuple(worker.pid for worker in trainer.dataloader._iterator._workers))
+    assert len(set(workers)) == 1 and len(workers[0]) == 2  # the same two processes served every epoch
+    assert not torch.equal(main_process[0], main_process[1]) and not torch.equal(main_process[1], main_process[2])

@@ -90,6 +90,10 @@ class DataConfig:
     """Flip horizontally with probability 0.5."""
     num_workers: int = 2
     """DataLoader worker processes (0 loads in the main process)."""
+    persistent_workers: bool = True
+    """Keep the workers alive between epochs instead of restarting them (augmentation still follows the epoch)."""
+    prefetch_factor: Optional[int] = None
+    """Batches each worker loads ahead (null: PyTorch's default, 2); only with num_workers > 0."""
     max_image_pixels: int = 100_000_000
     """Images with more pixels than this are skipped unopened (a decompression-bomb guard)."""
     shuffle_buffer_size: int = 1000
@@ -111,6 +115,9 @@ class DataConfig:
         _require(bool(self.dataset), "data.dataset", "must name a Hub dataset id or a local folder")
         _require(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        if self.prefetch_factor is not None:
+            _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1 (or null)")
+            _require(self.num_workers > 0, "data.prefetch_factor", "needs data.num_workers > 0")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
         _require(0 <= self.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
         _require(self.validation_max_images >= 1, "data.validation_max_images", "must be >= 1")

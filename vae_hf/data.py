@@ -162,7 +162,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     Random crops and flips draw from a generator seeded by (run seed, epoch, index), not from the
     process-wide RNG: a sample's augmentation is then the same whichever worker loads it and whether
-    or not the run was interrupted and resumed.
+    or not the run was interrupted and resumed. The epoch lives in shared memory, so persistent
+    DataLoader workers (started once, holding their own copy of the dataset) see `set_epoch` too.
     """
 
     def __init__(
@@ -170,10 +171,14 @@ class ImageDataset(torch.utils.data.Dataset):
     ):
         self.dataset, self.image_column, self.transform, self.seed = dataset, image_column, transform, seed
         self.max_pixels = max_pixels
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -285,7 +290,8 @@ def build_dataloader(
         collate_fn=collate,
         drop_last=not streaming,
         pin_memory=pin_memory,
-        persistent_workers=False,  # rebuilt each epoch, so workers see the dataset's new epoch
+        persistent_workers=config.persistent_workers and config.num_workers > 0,
+        prefetch_factor=config.prefetch_factor,
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG out of loading
     )
     if not streaming and len(loader) == 0:
