@@ -14,16 +14,16 @@ import resource
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vae_hf.bare_step import unavoidable_step
 from vae_hf.config import Config, load_config
-from vae_hf.losses import discriminator_loss, generator_adversarial_loss, kl_loss, reconstruction_loss
-from vae_hf.perceptual import perceptual_loss
-from vae_hf.trainer import AUTOCAST_DTYPES, Trainer, frozen
+from vae_hf.trainer import AUTOCAST_DTYPES, Trainer
 
 # Dense bf16 peak of known accelerators, in FLOP/s (vendor figures); pass --peak-tflops for others.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
@@ -105,36 +105,16 @@ def _time_bare(trainer: Trainer, steps: int, warmup: int, disc_on: bool) -> dict
 
 def _bare_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
     """The unavoidable work of one step, on fresh fused Adam optimizers over the trainer's models."""
-    loss_config, vae, disc = trainer.config.loss, trainer.vae, trainer.discriminator
+    vae, disc = trainer.vae, trainer.discriminator if disc_on else None
     fused = {"fused": True} if images.device.type in ("cuda", "cpu") else {}
     opt_g = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-9, **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-9, **fused) if disc is not None else None
     dtype = AUTOCAST_DTYPES.get(trainer.config.train.mixed_precision)
 
-    def step() -> None:
-        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-            posterior = vae.encode(images).latent_dist
-            reconstructions = vae.decode(posterior.sample()).sample
-            loss = reconstruction_loss(reconstructions, images, loss_config.reconstruction)
-            loss = loss + loss_config.kl_weight * kl_loss(posterior.mean, posterior.logvar, loss_config.kl_reduction)
-            if trainer.lpips is not None:
-                loss = loss + loss_config.perceptual_weight * perceptual_loss(trainer.lpips, reconstructions, images)
-            if disc_on:
-                with frozen(disc):
-                    loss = loss + loss_config.disc_weight * generator_adversarial_loss(
-                        disc(reconstructions), loss_config.disc_loss
-                    )
-        loss.backward()
-        opt_g.step()
-        opt_g.zero_grad(set_to_none=True)
-        if disc_on:
-            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-                d_loss = discriminator_loss(disc(images), disc(reconstructions.detach()), loss_config.disc_loss)
-            d_loss.backward()
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+    def autocast():
+        return torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None)
 
-    return step
+    return partial(unavoidable_step, vae, trainer.lpips, disc, opt_g, opt_d, images, trainer.config.loss, autocast)
 
 
 def _time_loader(trainer: Trainer, batches: int) -> dict[str, float]:
