@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT, tiny_overrides, write_images
 
 
@@ -29,3 +31,38 @@ def test_bench_writes_its_report(tmp_path):
     assert report["mfu_disc_on"] is None and report["device"] == "cpu"  # a CPU's peak is not guessed
     assert report["data_loader"]["images_per_s"] > 0 and report["peak_memory_mb"]["process_max_rss"] > 0
     assert "| trainer / bare |" in result.stdout
+
+
+def test_bench_memory_section_reports_every_batch_and_the_largest_that_fits(tmp_path):
+    """Without a GPU the memory section is the fake-tensor estimate of the configured step (EMA shadow
+    included); the largest batch is the last whose estimate fits the budget."""
+    from vae_hf.benchmark import markdown, memory_section
+    from vae_hf.config import load_config
+    from vae_hf.memory import GIB, estimate_step_memory
+    from vae_hf.model import build_vae
+
+    config = load_config(None, tiny_overrides(tmp_path / "unused", tmp_path / "out", **{"train.ema_decay": 0.99}))
+    memory = memory_section(config, torch.device("cpu"), budget_gb=0.25)
+    assert memory["method"].startswith("estimated") and memory["ema_included"]
+    peaks = {(row["batch_size"], row["gradient_checkpointing"]): row["peak_gib"] for row in memory["rows"]}
+    assert set(peaks) == {(batch, flag) for batch in (1, 4, 8) for flag in (False, True)}
+    assert peaks[1, False] < peaks[4, False] < peaks[8, False] and peaks[8, True] < peaks[8, False]
+
+    vae = build_vae(config.model, 32)
+    vae_config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    ema = 4 * sum(value.numel() for value in vae.state_dict().values() if value.is_floating_point())
+
+    def peak(batch: int) -> int:
+        return (
+            ema
+            + estimate_step_memory(vae_config, 32, batch, gradient_checkpointing=False, mixed_precision="no")[
+                "peak_bytes"
+            ]
+        )
+
+    assert peak(8) / GIB == peaks[8, False]
+    largest = memory["largest_batch"]["gradient_checkpointing_off"]
+    assert peak(largest) <= 0.25 * GIB < peak(largest + 1)
+    assert memory["largest_batch"]["gradient_checkpointing_on"] > largest
+    table = markdown({"device": "cpu", "versions": {"torch": "x"}, "date": "d", "memory": memory})
+    assert f"| off | {peaks[1, False]:.2f} |" in table and f"{largest} (in 0.2 GiB)" in table

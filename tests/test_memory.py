@@ -14,6 +14,7 @@ from vae_hf.memory import (
     CudaAutocastPolicy,
     LiveStorageTracker,
     estimate_step_memory,
+    fits_budget,
     largest_batch,
     measure_step_memory,
 )
@@ -61,10 +62,10 @@ def test_memory_grows_with_batch_and_checkpointing_lowers_it():
 def test_largest_batch_fits_the_budget():
     options = dict(gradient_checkpointing=False, perceptual=False, discriminator=None)
     peak = {batch: estimate_step_memory(TINY, 32, batch, **options)["peak_bytes"] for batch in (2, 3)}
-    assert largest_batch(TINY, 32, (peak[2] + peak[3]) // 2, **options) == 2
-    assert largest_batch(TINY, 32, peak[3], **options) == 3  # the budget itself still fits
-    assert largest_batch(TINY, 32, peak[3], upper=2, **options) == 2
-    assert largest_batch(TINY, 32, 1, **options) == 0
+    assert largest_batch(fits_budget(TINY, 32, (peak[2] + peak[3]) // 2, **options)) == 2
+    assert largest_batch(fits_budget(TINY, 32, peak[3], **options)) == 3  # the budget itself still fits
+    assert largest_batch(fits_budget(TINY, 32, peak[3], **options), upper=2) == 2
+    assert largest_batch(fits_budget(TINY, 32, 1, **options)) == 0
 
 
 @contextlib.contextmanager

@@ -23,40 +23,128 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vae_hf.bare_step import unavoidable_step
 from vae_hf.config import Config, load_config
+from vae_hf.memory import (
+    GIB,
+    DiscriminatorShape,
+    estimate_step_memory,
+    largest_batch,
+    measure_cuda_step_memory,
+)
+from vae_hf.model import build_vae
 from vae_hf.trainer import AUTOCAST_DTYPES, Trainer
 
 # Dense bf16 peak of known accelerators, in FLOP/s (vendor figures); pass --peak-tflops for others.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
 NEVER = 10**9
+MEMORY_BATCHES = (1, 4, 8)
+DEFAULT_BUDGET_GB = 24.0
 
 
-def benchmark(config: Config, steps: int = 10, warmup: int = 3, peak_tflops: float | None = None) -> dict[str, Any]:
-    """Trainer and bare loop, discriminator off and on; returns the JSON-ready report."""
-    with tempfile.TemporaryDirectory(prefix="vae-hf-bench-") as scratch:
-        config = _benchmark_config(config, Path(scratch), steps + warmup)
-        report: dict[str, Any] = {
-            "device": "",
-            "config": {
-                "batch_size": config.train.batch_size,
-                "resolution": config.data.resolution,
-                "mixed_precision": config.train.mixed_precision,
-            },
-        }
-        for disc in ("off", "on"):
-            trainer = _trainer(config, disc_start=NEVER if disc == "off" else 0)
-            report["device"] = _device_name(trainer.accelerator.device)
-            report[f"trainer_disc_{disc}"] = _time_trainer(trainer, warmup)
-            report[f"bare_disc_{disc}"] = _time_bare(trainer, steps, warmup, disc_on=disc == "on")
-            report[f"overhead_disc_{disc}"] = (
-                report[f"trainer_disc_{disc}"]["s_per_step"] / report[f"bare_disc_{disc}"]["s_per_step"]
-            )
-        report["data_loader"] = _time_loader(trainer, steps)
-        report["flops_per_step_disc_on"] = _flops(trainer)
-        report["mfu_disc_on"] = _mfu(report, peak_tflops)
-        report["peak_memory_mb"] = _peak_memory_mb(trainer.accelerator.device)
-        report["versions"] = {"torch": torch.__version__}
-        report["date"] = time.strftime("%Y-%m-%d")
+def benchmark(
+    config: Config,
+    steps: int = 10,
+    warmup: int = 3,
+    peak_tflops: float | None = None,
+    speed: bool = True,
+    memory: bool = False,
+    memory_budget_gb: float | None = None,
+) -> dict[str, Any]:
+    """The speed section (trainer and bare loop, discriminator off and on) and/or the memory section;
+    returns the JSON-ready report."""
+    report: dict[str, Any] = {
+        "device": _device_name(_default_device()),
+        "config": {
+            "batch_size": config.train.batch_size,
+            "resolution": config.data.resolution,
+            "mixed_precision": config.train.mixed_precision,
+        },
+        "versions": {"torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if speed:
+        with tempfile.TemporaryDirectory(prefix="vae-hf-bench-") as scratch:
+            report.update(_speed(_benchmark_config(config, Path(scratch), steps + warmup), steps, warmup, peak_tflops))
+    if memory:
+        report["memory"] = memory_section(config, _default_device(), memory_budget_gb)
     return report
+
+
+def _speed(config: Config, steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for disc in ("off", "on"):
+        trainer = _trainer(config, disc_start=NEVER if disc == "off" else 0)
+        report[f"trainer_disc_{disc}"] = _time_trainer(trainer, warmup)
+        report[f"bare_disc_{disc}"] = _time_bare(trainer, steps, warmup, disc_on=disc == "on")
+        report[f"overhead_disc_{disc}"] = (
+            report[f"trainer_disc_{disc}"]["s_per_step"] / report[f"bare_disc_{disc}"]["s_per_step"]
+        )
+    report["data_loader"] = _time_loader(trainer, steps)
+    report["flops_per_step_disc_on"] = _flops(trainer)
+    report["mfu_disc_on"] = _mfu(report["flops_per_step_disc_on"], report, trainer.accelerator.device, peak_tflops)
+    report["peak_memory_mb"] = _peak_memory_mb(trainer.accelerator.device)
+    return report
+
+
+def memory_section(config: Config, device: torch.device, budget_gb: float | None = None) -> dict[str, Any]:
+    """Peak memory of a training step at batch 1, 4 and 8, without and with gradient checkpointing, and the
+    largest batch that fits: measured on a GPU (the device's memory, or `budget_gb`), estimated elsewhere
+    (fake tensors, `budget_gb` or 24 GiB). The configured model, resolution, precision and losses."""
+    vae = build_vae(config.model, config.data.resolution)
+    vae_config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    loss = config.loss
+    options = {
+        "mixed_precision": config.train.mixed_precision,
+        "perceptual": loss.perceptual_weight > 0,
+        "discriminator": DiscriminatorShape(loss.disc_channels, loss.disc_num_layers, loss.disc_norm)
+        if loss.disc_weight > 0
+        else None,
+    }
+    # an EMA's fp32 shadow of the VAE stays on the device through every step
+    ema_bytes = 4 * sum(t.numel() for t in vae.state_dict().values() if t.is_floating_point())
+    ema_bytes = ema_bytes if config.train.ema_decay is not None else 0
+    resolution = config.data.resolution
+    if device.type == "cuda":
+        method = "measured: torch.cuda.max_memory_allocated over the step"
+        budget = budget_gb * GIB if budget_gb else torch.cuda.get_device_properties(device).total_memory - ema_bytes
+        measure = partial(measure_cuda_step_memory, vae_config, resolution, device=device, **options)
+    else:
+        method = "estimated: live tensor storage of the step on fake tensors, CUDA autocast policy (no GPU)"
+        budget = (budget_gb or DEFAULT_BUDGET_GB) * GIB
+        measure = partial(estimate_step_memory, vae_config, resolution, **options)
+
+    def peak(batch_size: int, checkpointing: bool) -> int | None:
+        try:
+            return measure(batch_size, gradient_checkpointing=checkpointing)["peak_bytes"] + ema_bytes
+        except torch.OutOfMemoryError:
+            return None
+
+    rows = [
+        {"batch_size": batch, "gradient_checkpointing": checkpointing, "peak_gib": _gib(peak(batch, checkpointing))}
+        for checkpointing in (False, True)
+        for batch in MEMORY_BATCHES
+    ]
+    largest = {
+        f"gradient_checkpointing_{'on' if checkpointing else 'off'}": largest_batch(
+            lambda batch, checkpointing=checkpointing: (peak(batch, checkpointing) or budget + 1) <= budget
+        )
+        for checkpointing in (False, True)
+    }
+    return {
+        "method": method,
+        "resolution": resolution,
+        "ema_included": bool(ema_bytes),
+        "rows": rows,
+        "budget_gib": budget / GIB,
+        "largest_batch": largest,
+    }
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else value / GIB
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config:
@@ -136,13 +224,12 @@ def _flops(trainer: Trainer) -> float:
     return float(counter.get_total_flops())
 
 
-def _mfu(report: dict[str, Any], peak_tflops: float | None) -> float | None:
-    peak = (
-        peak_tflops * 1e12 if peak_tflops else next((v for k, v in PEAK_FLOPS.items() if k in report["device"]), None)
-    )
+def _mfu(flops: float, report: dict[str, Any], device: torch.device, peak_tflops: float | None) -> float | None:
+    name = _device_name(device)
+    peak = peak_tflops * 1e12 if peak_tflops else next((v for k, v in PEAK_FLOPS.items() if k in name), None)
     if peak is None:
         return None  # an unknown device's peak is not guessed
-    return report["flops_per_step_disc_on"] / report["trainer_disc_on"]["s_per_step"] / peak
+    return flops / report["trainer_disc_on"]["s_per_step"] / peak
 
 
 def _rates(trainer: Trainer, seconds_per_step: float) -> dict[str, float]:
@@ -168,6 +255,16 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    """The report's tables: speed (when measured) and memory (when asked for)."""
+    tables = [f"device: {report['device']}, torch {report['versions']['torch']}, {report['date']}"]
+    if "trainer_disc_off" in report:
+        tables.append(_speed_table(report))
+    if "memory" in report:
+        tables.append(_memory_table(report["memory"]))
+    return "\n\n".join(tables)
+
+
+def _speed_table(report: dict[str, Any]) -> str:
     rows = ["| measure | discriminator off | discriminator on |", "| --- | --- | --- |"]
     for name in ("trainer", "bare"):
         off, on = report[f"{name}_disc_off"], report[f"{name}_disc_on"]
@@ -182,10 +279,40 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _memory_table(memory: dict[str, Any]) -> str:
+    peaks = {(row["batch_size"], row["gradient_checkpointing"]): row["peak_gib"] for row in memory["rows"]}
+    batches = sorted({batch for batch, _ in peaks})
+    rows = [
+        f"peak memory at {memory['resolution']} px, GiB ({memory['method']})",
+        "",
+        "| gradient checkpointing | " + " | ".join(f"batch {batch}" for batch in batches) + " | largest batch |",
+        "| --- |" + " --- |" * (len(batches) + 1),
+    ]
+    for checkpointing in (False, True):
+        state = "on" if checkpointing else "off"
+        cells = [_cell_gib(peaks[batch, checkpointing]) for batch in batches]
+        largest = memory["largest_batch"][f"gradient_checkpointing_{state}"]
+        rows.append(f"| {state} | " + " | ".join(cells) + f" | {largest} (in {memory['budget_gib']:.1f} GiB) |")
+    return "\n".join(rows)
+
+
+def _cell_gib(value: float | None) -> str:
+    return "out of memory" if value is None else f"{value:.2f}"
+
+
 def bench_command(
-    config_path: str | None, overrides: list[str], steps: int, warmup: int, out: str | None, peak_tflops: float | None
+    config_path: str | None,
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    out: str | None,
+    peak_tflops: float | None,
+    speed: bool = True,
+    memory: bool = False,
+    memory_budget_gb: float | None = None,
 ) -> int:
-    report = benchmark(load_config(config_path, overrides), steps, warmup, peak_tflops)
+    config = load_config(config_path, overrides)
+    report = benchmark(config, steps, warmup, peak_tflops, speed, memory, memory_budget_gb)
     print(markdown(report))
     if out:
         Path(out).write_text(json.dumps(report, indent=2))

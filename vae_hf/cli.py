@@ -195,9 +195,29 @@ def _add_bench(commands) -> None:
     parser.add_argument("--warmup", type=_positive, default=3, help="untimed steps first")
     parser.add_argument("--out", default=None, help="write the report as JSON")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (else known GPUs)")
+    parser.add_argument(
+        "--speed", action=argparse.BooleanOptionalAction, default=True, help="time the trainer and the bare loop"
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="peak memory at batch 1/4/8 with and without gradient checkpointing, and the largest batch that fits "
+        "(measured on a GPU, estimated without one)",
+    )
+    parser.add_argument(
+        "--memory-budget-gb", type=float, default=None, help="memory for the largest batch (default: GPU's, or 24)"
+    )
     parser.set_defaults(
         run=lambda args: benchmark.bench_command(
-            args.config, args.overrides, args.steps, args.warmup, args.out, args.peak_tflops
+            args.config,
+            args.overrides,
+            args.steps,
+            args.warmup,
+            args.out,
+            args.peak_tflops,
+            args.speed,
+            args.memory,
+            args.memory_budget_gb,
         )
     )
 

@@ -282,18 +282,12 @@ def measure_step_memory(
     )
 
 
-def largest_batch(
-    vae_config: Mapping[str, Any], resolution: int, budget_bytes: int, *, upper: int = 256, **options: Any
-) -> int:
-    """The largest batch whose estimated peak fits `budget_bytes` (0 if none; at most `upper`).
+def largest_batch(fits: Callable[[int], bool], upper: int = 256) -> int:
+    """The largest batch size n <= `upper` with `fits(n)`, assuming fits is monotone (0 if none).
 
-    Doubles until the estimate exceeds the budget, then bisects: about 2 log2(answer) estimates.
-    `options` are `estimate_step_memory`'s keywords (`gradient_checkpointing` is required).
+    Doubles until it no longer fits, then bisects: about 2 log2(answer) calls. `fits` is, e.g., an
+    estimate under a budget or a GPU run that does not run out of memory.
     """
-
-    def fits(batch_size: int) -> bool:
-        return estimate_step_memory(vae_config, resolution, batch_size, **options)["peak_bytes"] <= budget_bytes
-
     if not fits(1):
         return 0
     fitting = 1
@@ -308,6 +302,17 @@ def largest_batch(
     return fitting
 
 
+def fits_budget(
+    vae_config: Mapping[str, Any], resolution: int, budget_bytes: int, **options: Any
+) -> Callable[[int], bool]:
+    """Whether a batch size's estimated peak is within `budget_bytes` (`options`: estimate_step_memory's)."""
+
+    def fits(batch_size: int) -> bool:
+        return estimate_step_memory(vae_config, resolution, batch_size, **options)["peak_bytes"] <= budget_bytes
+
+    return fits
+
+
 def _track_step(
     vae_config: Mapping[str, Any],
     resolution: int,
@@ -320,32 +325,18 @@ def _track_step(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     autocast_dtype = AUTOCAST_DTYPES.get(mixed_precision)
-    vae = AutoencoderKL.from_config(dict(vae_config))
-    if gradient_checkpointing:
-        vae.enable_gradient_checkpointing(None if autocast_dtype is None else _checkpoint_under(autocast_dtype))
-    lpips_model = build_lpips(pretrained=False) if perceptual else None
-    disc = (
-        PatchDiscriminator(3, discriminator.channels, discriminator.num_layers, discriminator.norm)
-        if discriminator is not None
-        else None
+    checkpoint = None if autocast_dtype is None else _checkpoint_under(autocast_dtype)
+    step = _StepModels(
+        vae_config, resolution, batch_size, gradient_checkpointing, perceptual, discriminator, checkpoint
     )
-    models = [model for model in (vae, lpips_model, disc) if model is not None]
-    images = torch.rand(batch_size, 3, resolution, resolution) * 2 - 1
-    # Fused Adam over the trainable parameters, as the trainer builds it (`optim.fused`, the default).
-    vae_optimizer = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], fused=True)
-    disc_optimizer = torch.optim.Adam(disc.parameters(), fused=True) if disc is not None else None
-    optimizers = [optimizer for optimizer in (vae_optimizer, disc_optimizer) if optimizer is not None]
-
     tracker = LiveStorageTracker()
     with tracker:
-        parameters_bytes = tracker.track(t for model in models for t in (*model.parameters(), *model.buffers()))
-        inputs_bytes = tracker.track([images])
-        optimizer_bytes = _create_adam_state(optimizers, tracker)
+        parameters_bytes = tracker.track(t for model in step.models for t in (*model.parameters(), *model.buffers()))
+        inputs_bytes = tracker.track([step.images])
+        optimizer_bytes = _create_adam_state(step.optimizers, tracker)
         static_bytes = tracker.live_bytes
         tracker.reset_peak()
-        autocast = partial(CudaAutocastPolicy, autocast_dtype) if autocast_dtype else contextlib.nullcontext
-        # the discriminator runs with its default loss settings
-        unavoidable_step(vae, lpips_model, disc, vae_optimizer, disc_optimizer, images, LossConfig(), autocast)
+        step.run(partial(CudaAutocastPolicy, autocast_dtype) if autocast_dtype else contextlib.nullcontext)
     return {
         "peak_bytes": tracker.peak_bytes,
         "parameters_bytes": parameters_bytes,
@@ -356,6 +347,94 @@ def _track_step(
         "autocast_policy": "cuda, emulated" if mixed_precision in AUTOCAST_DTYPES else None,
         "seconds": time.perf_counter() - started,
     }
+
+
+def measure_cuda_step_memory(
+    vae_config: Mapping[str, Any],
+    resolution: int,
+    batch_size: int,
+    *,
+    gradient_checkpointing: bool,
+    mixed_precision: str = "bf16",
+    perceptual: bool = True,
+    discriminator: DiscriminatorShape | None = TRAINER_DISCRIMINATOR,
+    device: torch.device | str = "cuda",
+) -> dict[str, Any]:
+    """The same step on a GPU, under torch.autocast: `torch.cuda.max_memory_allocated` over two steps (the
+    second with Adam's state in place). Raises torch.cuda.OutOfMemoryError when it does not fit."""
+    started = time.perf_counter()
+    dtype = AUTOCAST_DTYPES.get(mixed_precision)
+    step = _StepModels(vae_config, resolution, batch_size, gradient_checkpointing, perceptual, discriminator)
+    try:
+        step.to(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):
+            step.run(partial(torch.autocast, "cuda", dtype=dtype, enabled=dtype is not None))
+        peak = torch.cuda.max_memory_allocated(device)
+    finally:
+        del step
+        torch.cuda.empty_cache()  # the next size starts from an empty cache
+    return {"peak_bytes": peak, "device": torch.cuda.get_device_name(device), "seconds": time.perf_counter() - started}
+
+
+class _StepModels:
+    """The models, optimizers and input batch of one step, built from a VAE config."""
+
+    def __init__(
+        self,
+        vae_config: Mapping[str, Any],
+        resolution: int,
+        batch_size: int,
+        gradient_checkpointing: bool,
+        perceptual: bool,
+        discriminator: DiscriminatorShape | None,
+        checkpoint: Callable | None = None,
+    ):
+        self.vae = AutoencoderKL.from_config(dict(vae_config))
+        if gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing(checkpoint)
+        self.lpips = build_lpips(pretrained=False) if perceptual else None
+        self.discriminator = (
+            PatchDiscriminator(3, discriminator.channels, discriminator.num_layers, discriminator.norm)
+            if discriminator is not None
+            else None
+        )
+        self.images = torch.rand(batch_size, 3, resolution, resolution) * 2 - 1
+        self._build_optimizers()
+
+    @property
+    def models(self) -> list[nn.Module]:
+        return [model for model in (self.vae, self.lpips, self.discriminator) if model is not None]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [optimizer for optimizer in (self.vae_optimizer, self.disc_optimizer) if optimizer is not None]
+
+    def _build_optimizers(self) -> None:
+        """Fused Adam over the trainable parameters, as the trainer builds it (`optim.fused`, the default)."""
+        self.vae_optimizer = torch.optim.Adam([p for p in self.vae.parameters() if p.requires_grad], fused=True)
+        self.disc_optimizer = (
+            torch.optim.Adam(self.discriminator.parameters(), fused=True) if self.discriminator is not None else None
+        )
+
+    def to(self, device: torch.device | str) -> None:
+        for model in self.models:
+            model.to(device)
+        self.images = self.images.to(device)
+        self._build_optimizers()  # over the moved parameters
+
+    def run(self, autocast: Callable) -> None:
+        """One step; the discriminator's loss settings are the defaults."""
+        unavoidable_step(
+            self.vae,
+            self.lpips,
+            self.discriminator,
+            self.vae_optimizer,
+            self.disc_optimizer,
+            self.images,
+            LossConfig(),
+            autocast,
+        )
 
 
 def _checkpoint_under(dtype: torch.dtype) -> Callable:
