@@ -175,7 +175,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @property
     def epoch(self) -> int:
-        return int(self._epoch)
+        return int(self._epoch.numpy())  # a read of shared CPU memory, never a device sync
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
