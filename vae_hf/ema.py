@@ -13,6 +13,9 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from vae_hf.model import gathered
 
 
 class EMA:
@@ -42,21 +45,28 @@ class EMA:
         self.updates += 1  # counts optimizer steps, skipped ones too (it only paces the warm-up)
 
     def copy_of(self, module: nn.Module) -> nn.Module:
-        """A copy of `module` holding the averaged weights (the original is left untouched)."""
+        """A copy of `module` (a plain one: under FSDP a gathered copy) holding the averaged weights; the
+        original is left untouched. Under FSDP the shadow is sharded like the weights and every process
+        must call this."""
         averaged = copy.deepcopy(module)
-        averaged.load_state_dict(self.shadow, strict=False)
+        averaged.load_state_dict(gathered(self.shadow), strict=False)
         return averaged
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Tensors (for safetensors) and scalars (for JSON)."""
-        return self.shadow, {"decay": self.decay, "updates": self.updates}
+        """Tensors (for safetensors; full ones, so every process must call this under FSDP) and scalars (for JSON)."""
+        return gathered(self.shadow), {"decay": self.decay, "updates": self.updates}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], scalars: dict[str, float]) -> None:
         missing = set(self.shadow) ^ set(tensors)
         if missing:
             raise ValueError(f"EMA state does not match the model: {sorted(missing)[:3]} ...")
         for name, value in tensors.items():
-            self.shadow[name].copy_(value)
+            shadow = self.shadow[name]
+            if isinstance(shadow, DTensor):  # this process's shard of the full tensor (no communication)
+                value = distribute_tensor(
+                    value.to(shadow.device), shadow.device_mesh, shadow.placements, src_data_rank=None
+                )
+            shadow.copy_(value)
         self.updates = int(scalars["updates"])
 
 

@@ -82,6 +82,12 @@ def decoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
     return vae.decoder.conv_out.weight
 
 
+def gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with FSDP2's shards (DTensors) replaced by their full tensors; under FSDP every
+    process must call this (an all-gather per sharded tensor). Plain tensors pass through."""
+    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value for name, value in state.items()}
+
+
 def encoder_fingerprint(vae: AutoencoderKL) -> str:
     """SHA-256 of the encoder's and quant_conv's weights: the part that maps images to latents."""
     digest = hashlib.sha256()

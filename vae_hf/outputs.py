@@ -37,18 +37,20 @@ class OutputsMixin:
 
     def evaluate(self, label: str) -> dict[str, float]:
         """Held-out scores of the VAE (and of its EMA), logged and recorded in metrics.json."""
-        models = {"eval": self.vae}
+        models = {"eval": self.full_vae()}
         if self.ema is not None:
-            models["eval_ema"] = self.ema.copy_of(self.vae)
+            models["eval_ema"] = self.ema.copy_of(models["eval"])
         values = self.validator.evaluate(models, self.progress.global_step, label)
         self.accelerator.log(values, step=self.progress.global_step)
         return values
 
     def write_sample(self) -> Path | None:
         """Reconstructions of the reference images, by the EMA weights when EMA is on."""
+        if not (self.is_main or self.accelerator.is_fsdp2):  # sharded weights: every process gathers
+            return None
+        vae = self.full_vae() if self.ema is None else self.ema.copy_of(self.full_vae())
         if not self.is_main:
             return None
-        vae = self.vae if self.ema is None else self.ema.copy_of(self.vae)
         path = save_sample(vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)
         self._log_sample(path)
         return path
@@ -67,10 +69,11 @@ class OutputsMixin:
         """Export `vae/` (and `vae_ema/`), after checking a decoder-only run left the encoder as it was."""
         self.accelerator.wait_for_everyone()
         folder = self.output_dir / "vae"
-        if self.is_main:
-            exports = {folder: self.vae}
+        if self.is_main or self.accelerator.is_fsdp2:  # sharded weights: every process gathers
+            exports = {folder: self.full_vae()}
             if self.ema is not None:
-                exports[self.output_dir / "vae_ema"] = self.ema.copy_of(self.vae)
+                exports[self.output_dir / "vae_ema"] = self.ema.copy_of(exports[folder])
+        if self.is_main:
             for target, vae in exports.items():
                 if self.encoder_fingerprint is not None and encoder_fingerprint(vae) != self.encoder_fingerprint:
                     raise RuntimeError(f"model.train_decoder_only: the encoder of {target.name} changed; not exported")

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 from datasets import IterableDataset
+from diffusers import AutoencoderKL
 from torch import nn
 from tqdm.auto import tqdm
 
 from vae_hf import data as vae_data
 from vae_hf.checkpointing import Checkpointer
-from vae_hf.config import Config, flat_hparams
+from vae_hf.config import Config, ConfigError, flat_hparams
 from vae_hf.discriminator import PatchDiscriminator
 from vae_hf.ema import EMA
 from vae_hf.hub import require_push_access
@@ -33,7 +34,7 @@ from vae_hf.losses import (
     reconstruction_loss,
 )
 from vae_hf.meter import LossMeter
-from vae_hf.model import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
+from vae_hf.model import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint, gathered
 from vae_hf.optimization import Player, build_optimizer, build_scheduler
 from vae_hf.outputs import OutputsMixin
 from vae_hf.perceptual import build_lpips, perceptual_loss, require_vgg_weights
@@ -49,14 +50,32 @@ AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 @contextlib.contextmanager
 def frozen(module: nn.Module):
-    """Use a module as a fixed function: gradient reaches its input, none reaches its parameters."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
+    """Use a module as a fixed function: gradient reaches its input, none reaches its parameters.
+
+    The flags are restored on the parameters that were switched off, not on whatever `parameters()`
+    yields at the end: under FSDP2 the module holds its all-gathered (unsharded) parameters from the
+    forward until the backward, and those are rebuilt from the sharded ones' flags at the next gather.
+    """
+    parameters = list(module.parameters())
+    flags = [p.requires_grad for p in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
     try:
         yield module
     finally:
-        for parameter, flag in zip(module.parameters(), flags, strict=True):
+        for parameter, flag in zip(parameters, flags, strict=True):
             parameter.requires_grad_(flag)
+
+
+def require_supported_distribution(accelerator: Accelerator) -> None:
+    """DDP and FSDP2 train both players; refuse the launch setups that cannot, before anything is built."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "accelerate launch: DeepSpeed is not supported (Accelerate drives one DeepSpeed engine per Accelerator, "
+            "and the VAE and the discriminator each need their own); use configs/accelerate/fsdp.yaml or DDP"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ConfigError("accelerate launch: FSDP needs fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
 
 
 class Trainer(CheckpointingMixin, OutputsMixin):
@@ -97,7 +116,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
         config = self.config
         report_to = {"none": None, "all": "all"}.get(config.train.report_to, config.train.report_to)
         # Precision is ours (autocast + one GradScaler per player), so Accelerate runs in "no" mode.
-        return Accelerator(
+        accelerator = Accelerator(
             gradient_accumulation_steps=config.train.gradient_accumulation_steps,
             mixed_precision="no",
             log_with=report_to,
@@ -106,6 +125,8 @@ class Trainer(CheckpointingMixin, OutputsMixin):
             ),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
+        require_supported_distribution(accelerator)
+        return accelerator
 
     def _build_data(self) -> None:
         config, accelerator = self.config, self.accelerator
@@ -177,6 +198,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
         config = self.config
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(trainable, config.optim, lr)
+        self._fsdp_units_for(model)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         scaler = torch.amp.GradScaler(self.accelerator.device.type) if config.train.mixed_precision == "fp16" else None
         return Player(
@@ -187,6 +209,17 @@ class Trainer(CheckpointingMixin, OutputsMixin):
             config.optim.max_grad_norm,
         )
 
+    def _fsdp_units_for(self, model: nn.Module) -> None:
+        """Under FSDP, shard by the configured block classes that `model` has: Accelerate wants every
+        listed class in every prepared model, and the discriminator has no ResnetBlock2D."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is None or plugin.transformer_cls_names_to_wrap is None:
+            return
+        if not hasattr(self, "_fsdp_unit_classes"):
+            self._fsdp_unit_classes = list(plugin.transformer_cls_names_to_wrap)
+        present = {type(module).__name__ for module in model.modules()}
+        plugin.transformer_cls_names_to_wrap = [name for name in self._fsdp_unit_classes if name in present]
+
     # ----------------------------------------------------------------------------------------------
     # small views
 
@@ -196,8 +229,18 @@ class Trainer(CheckpointingMixin, OutputsMixin):
 
     @property
     def vae(self):
-        """The bare AutoencoderKL (for saving and sampling; training goes through the prepared module)."""
+        """The bare AutoencoderKL being trained (training goes through the prepared module). Under FSDP its
+        weights are shards: samples, evaluation and export use `full_vae()`."""
         return self.accelerator.unwrap_model(self.vae_player.model).vae
+
+    def full_vae(self) -> AutoencoderKL:
+        """The VAE as a plain module with all its weights, for samples, evaluation and export: `self.vae`
+        itself, or under FSDP a gathered copy (then every process must call this)."""
+        if not self.accelerator.is_fsdp2:
+            return self.vae
+        vae = AutoencoderKL.from_config(self.vae.config)
+        vae.load_state_dict(gathered(self.vae.state_dict()))
+        return vae.to(self.accelerator.device, memory_format=self.memory_format)
 
     @property
     def discriminator(self) -> nn.Module | None:
@@ -337,8 +380,9 @@ class Trainer(CheckpointingMixin, OutputsMixin):
             self.save_checkpoint()
         if self.validator.enabled:
             self.evaluate("final")
+            vae = self.full_vae()
             self.validator.latent_statistics(
-                self.vae if self.ema is None else self.ema.copy_of(self.vae), self.progress.global_step
+                vae if self.ema is None else self.ema.copy_of(vae), self.progress.global_step
             )
         if self.config.train.push_to_hub and not self.config.train.hub_push_every_export:
             self.push()
