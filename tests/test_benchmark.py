@@ -26,6 +26,7 @@ def test_bench_writes_its_report(tmp_path):
     report = json.loads(out.read_text())
     for name in ("trainer_disc_off", "trainer_disc_on", "bare_disc_off", "bare_disc_on"):
         assert report[name]["s_per_step"] > 0 and report[name]["images_per_s"] > 0
+        assert report[name]["steps_timed"] == 3  # after the warm-up, each trainer step paired with a bare one
     assert report["overhead_disc_on"] == report["trainer_disc_on"]["s_per_step"] / report["bare_disc_on"]["s_per_step"]
     assert report["flops_per_step_disc_on"] > 0
     assert report["mfu_disc_on"] is None and report["device"] == "cpu"  # a CPU's peak is not guessed
@@ -66,3 +67,30 @@ def test_bench_memory_section_reports_every_batch_and_the_largest_that_fits(tmp_
     assert memory["largest_batch"]["gradient_checkpointing_on"] > largest
     table = markdown({"device": "cpu", "versions": {"torch": "x"}, "date": "d", "memory": memory})
     assert f"| off | {peaks[1, False]:.2f} |" in table and f"{largest} (in 0.2 GiB)" in table
+
+
+def test_the_bare_step_is_a_whole_optimizer_step_of_accumulated_micro_batches(image_folder, tmp_path):
+    """With accumulation the bare loop's "step" runs every micro-batch and updates once, like the trainer's."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from vae_hf.benchmark import _bare_step
+    from vae_hf.config import load_config
+    from vae_hf.trainer import Trainer
+
+    overrides = tiny_overrides(image_folder, tmp_path / "run", **{"train.gradient_accumulation_steps": 3})
+    trainer = Trainer(load_config(None, overrides))
+    calls = {"decoder": 0, "discriminator": 0}
+    trainer.vae.decoder.register_forward_hook(lambda *_: calls.__setitem__("decoder", calls["decoder"] + 1))
+    trainer.discriminator.register_forward_hook(
+        lambda *_: calls.__setitem__("discriminator", calls["discriminator"] + 1)
+    )
+    updates = []
+    step = _bare_step(trainer, next(iter(trainer.dataloader))["pixel_values"], disc_on=True)
+    hook = register_optimizer_step_post_hook(lambda optimizer, *_: updates.append(optimizer))
+    try:
+        step()
+    finally:
+        hook.remove()
+    assert calls == {"decoder": 3, "discriminator": 9}  # generator loss, real and fake, per micro-batch
+    assert len(updates) == 2  # one VAE update and one discriminator update
+    assert all(p.grad is None for p in trainer.vae.parameters())

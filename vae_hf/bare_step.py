@@ -30,8 +30,10 @@ def unavoidable_step(
     images: torch.Tensor,
     loss: LossConfig,
     autocast: Callable[[], AbstractContextManager],
+    update: bool = True,
 ) -> None:
-    """One step as the trainer computes it; `discriminator=None` is a step before `loss.disc_start_step`."""
+    """One micro-batch as the trainer computes it; `discriminator=None` is a step before
+    `loss.disc_start_step`. With `update=False` the gradients accumulate and no optimizer steps."""
     with autocast():
         posterior = vae.encode(images).latent_dist
         reconstructions = vae.decode(posterior.sample()).sample
@@ -45,8 +47,9 @@ def unavoidable_step(
                     discriminator(reconstructions), loss.disc_loss
                 )
     g_loss.backward()
-    vae_optimizer.step()
-    vae_optimizer.zero_grad(set_to_none=True)
+    if update:
+        vae_optimizer.step()
+        vae_optimizer.zero_grad(set_to_none=True)
     if discriminator is None:
         return
     with autocast():
@@ -54,5 +57,6 @@ def unavoidable_step(
             discriminator(images), discriminator(reconstructions.detach()), loss.disc_loss
         )
     d_loss.backward()
-    disc_optimizer.step()
-    disc_optimizer.zero_grad(set_to_none=True)
+    if update:
+        disc_optimizer.step()
+        disc_optimizer.zero_grad(set_to_none=True)

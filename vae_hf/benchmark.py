@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -73,8 +74,7 @@ def _speed(config: Config, steps: int, warmup: int, peak_tflops: float | None) -
     report: dict[str, Any] = {}
     for disc in ("off", "on"):
         trainer = _trainer(config, disc_start=NEVER if disc == "off" else 0)
-        report[f"trainer_disc_{disc}"] = _time_trainer(trainer, warmup)
-        report[f"bare_disc_{disc}"] = _time_bare(trainer, steps, warmup, disc_on=disc == "on")
+        report[f"trainer_disc_{disc}"], report[f"bare_disc_{disc}"] = _time_interleaved(trainer, warmup, disc == "on")
         report[f"overhead_disc_{disc}"] = (
             report[f"trainer_disc_{disc}"]["s_per_step"] / report[f"bare_disc_{disc}"]["s_per_step"]
         )
@@ -172,27 +172,33 @@ def _trainer(config: Config, disc_start: int) -> Trainer:
     return Trainer(replace(config, loss=replace(config.loss, disc_start_step=disc_start)))
 
 
-def _time_trainer(trainer: Trainer, warmup: int) -> dict[str, float]:
-    stamps: list[float] = []
-    trainer.step_callbacks.append(lambda t: stamps.append(_now(t.accelerator.device)))
+def _time_interleaved(trainer: Trainer, warmup: int, disc_on: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Time the trainer's steps and, between them, one bare step each: paired in time, so a shared
+    machine's slow minutes weigh on both sides alike. The bare step's optimizers (lr 1e-9) clear the
+    gradients they accumulate, so the trainer's next step starts as it would have."""
+    device = trainer.accelerator.device
+    bare = _bare_step(trainer, next(iter(trainer.dataloader))["pixel_values"].to(device), disc_on)
+    trainer_durations: list[float] = []
+    bare_durations: list[float] = []
+    resumed: list[float] = []
+
+    def after_step(t: Trainer) -> None:
+        if resumed and t.progress.global_step > warmup:
+            trainer_durations.append(_now(device) - resumed[-1])
+        started = _now(device)
+        bare()
+        if t.progress.global_step > warmup:
+            bare_durations.append(_now(device) - started)
+        resumed.append(_now(device))
+
+    trainer.step_callbacks.append(after_step)
     trainer.train()
-    timed = stamps[warmup:-1]  # the last step also logs; excluded like the warm-up
-    return _rates(trainer, (timed[-1] - timed[0]) / max(len(timed) - 1, 1))
-
-
-def _time_bare(trainer: Trainer, steps: int, warmup: int, disc_on: bool) -> dict[str, float]:
-    images = next(iter(trainer.dataloader))["pixel_values"].to(trainer.accelerator.device)
-    step = _bare_step(trainer, images, disc_on)
-    for _ in range(warmup):
-        step()
-    started = _now(trainer.accelerator.device)
-    for _ in range(steps):
-        step()
-    return _rates(trainer, (_now(trainer.accelerator.device) - started) / steps)
+    return _rates(trainer, trainer_durations), _rates(trainer, bare_durations)
 
 
 def _bare_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
-    """The unavoidable work of one step, on fresh fused Adam optimizers over the trainer's models."""
+    """The unavoidable work of one optimizer step (its accumulated micro-batches), on fresh fused Adam
+    optimizers over the trainer's models."""
     vae, disc = trainer.vae, trainer.discriminator if disc_on else None
     fused = {"fused": True} if images.device.type in ("cuda", "cpu") else {}
     opt_g = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-9, **fused)
@@ -202,7 +208,16 @@ def _bare_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
     def autocast():
         return torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None)
 
-    return partial(unavoidable_step, vae, trainer.lpips, disc, opt_g, opt_d, images, trainer.config.loss, autocast)
+    micro_batch = partial(
+        unavoidable_step, vae, trainer.lpips, disc, opt_g, opt_d, images, trainer.config.loss, autocast
+    )
+    accumulation = trainer.config.train.gradient_accumulation_steps
+
+    def step() -> None:
+        for index in range(accumulation):
+            micro_batch(update=index == accumulation - 1)
+
+    return step
 
 
 def _time_loader(trainer: Trainer, batches: int) -> dict[str, float]:
@@ -232,10 +247,17 @@ def _mfu(flops: float, report: dict[str, Any], device: torch.device, peak_tflops
     return flops / report["trainer_disc_on"]["s_per_step"] / peak
 
 
-def _rates(trainer: Trainer, seconds_per_step: float) -> dict[str, float]:
+def _rates(trainer: Trainer, durations: list[float]) -> dict[str, float]:
+    """The median step (a shared machine's hiccups move the mean), and the mean for reference."""
     train = trainer.config.train
     images = train.batch_size * train.gradient_accumulation_steps * trainer.accelerator.num_processes
-    return {"s_per_step": seconds_per_step, "images_per_s": images / seconds_per_step}
+    seconds_per_step = statistics.median(durations)
+    return {
+        "s_per_step": seconds_per_step,
+        "s_per_step_mean": statistics.fmean(durations),
+        "images_per_s": images / seconds_per_step,
+        "steps_timed": len(durations),
+    }
 
 
 def _now(device: torch.device) -> float:
