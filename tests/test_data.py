@@ -134,3 +134,24 @@ def test_a_hub_dataset_offline_fails_at_once_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(hub, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: offline")
     with pytest.raises(hub.OfflineError, match="data.dataset=someone/some-dataset"):
         training_dataset(DataConfig(dataset="someone/some-dataset"), seed=0)
+
+
+def test_fast_jpeg_decode_decodes_at_reduced_scale_and_matches_a_full_decode(tmp_path):
+    """A 1024 px photo wanted at 256 px is decoded at 1/4 scale by libjpeg; the training crop differs from a
+    full decode + bicubic resize only far below what a VAE resolves (> 40 dB PSNR). PNGs are untouched."""
+    from vae_hf.data import try_transform
+
+    from conftest import write_images
+
+    (png,) = write_images(tmp_path / "png", 1, size=(1024, 1024))
+    jpeg = tmp_path / "photo.jpg"
+    Image.open(png).save(jpeg, quality=95)
+    assert decode_image(str(jpeg), draft_size=256).size == (256, 256)
+    assert decode_image(str(jpeg), draft_size=300).size == (512, 512)  # never below the requested size
+    assert decode_image(str(jpeg)).size == (1024, 1024)
+    assert decode_image(str(png), draft_size=256).size == (1024, 1024)
+    fast = try_transform(str(jpeg), ImageTransform(256, draft_jpeg=True))
+    full = try_transform(str(jpeg), ImageTransform(256))
+    assert fast.shape == full.shape == (3, 256, 256) and not torch.equal(fast, full)
+    psnr = 10 * torch.log10(1 / ((fast - full) / 2).pow(2).mean())
+    assert psnr > 40

@@ -94,6 +94,9 @@ class DataConfig:
     """Keep the workers alive between epochs instead of restarting them (augmentation still follows the epoch)."""
     prefetch_factor: Optional[int] = None
     """Batches each worker loads ahead (null: PyTorch's default, 2); only with num_workers > 0."""
+    fast_jpeg_decode: bool = True
+    """Decode training JPEGs at 1/2, 1/4 or 1/8 scale when still >= resolution (several times faster for large
+    photos; the downscaling filter then differs slightly from a full decode + resize). Evaluation decodes fully."""
     max_image_pixels: int = 100_000_000
     """Images with more pixels than this are skipped unopened (a decompression-bomb guard)."""
     shuffle_buffer_size: int = 1000

@@ -75,11 +75,13 @@ def _load(loader, name: str, split: str):
         raise DataError(f"data.dataset: cannot load split {split!r} of {name}: {str(error).splitlines()[0]}") from None
 
 
-def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
+def decode_image(value: Any, max_pixels: int | None = None, draft_size: int | None = None) -> Image.Image:
     """An RGB PIL image from what `datasets` stores: a dict of bytes/path, a path, or a PIL image.
 
     Multi-frame files (GIF, APNG, multi-page TIFF) give their first frame; EXIF rotation is applied.
-    The pixel count is checked from the header, before anything is decoded.
+    The pixel count is checked from the header, before anything is decoded. With `draft_size`, a JPEG is
+    decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose sides are still at least `draft_size`
+    (libjpeg's scaled inverse DCT: a 1024 px photo wanted at 256 px decodes about 7x faster).
     """
     if isinstance(value, dict) and value.get("bytes"):
         image = Image.open(io.BytesIO(value["bytes"]))
@@ -92,6 +94,8 @@ def decode_image(value: Any, max_pixels: int | None = None) -> Image.Image:
         raise TypeError(f"not an image: {type(value).__name__}")
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ValueError(f"{image.width}x{image.height} is more than data.max_image_pixels={max_pixels} pixels")
+    if draft_size is not None and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
     image.load()
     return to_rgb(ImageOps.exif_transpose(image))
 
@@ -120,6 +124,7 @@ class ImageTransform:
     resolution: int
     center_crop: bool = True
     random_flip: bool = False
+    draft_jpeg: bool = False  # decode JPEGs at a reduced scale still >= resolution (see decode_image)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -150,7 +155,8 @@ def try_transform(
 ) -> torch.Tensor | None:
     """Decode and transform one stored image; None (with a warning naming it) when it is unreadable."""
     try:
-        return transform(decode_image(value, max_pixels), generator)
+        draft_size = transform.resolution if transform.draft_jpeg else None
+        return transform(decode_image(value, max_pixels, draft_size), generator)
     except DECODE_ERRORS as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         logger.warning("skipping unreadable image %s: %s", _describe(value), reason)
@@ -225,7 +231,7 @@ def training_dataset(
     dataset = load_image_dataset(config)
     if config.validation_split is None and config.validation_fraction > 0:
         dataset = _held_out(dataset, config, seed)["train"]
-    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip)
+    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip, config.fast_jpeg_decode)
     if isinstance(dataset, IterableDataset):
         from datasets.distributed import split_dataset_by_node
 
