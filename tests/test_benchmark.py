@@ -94,3 +94,15 @@ def test_the_bare_step_is_a_whole_optimizer_step_of_accumulated_micro_batches(im
     assert calls == {"decoder": 3, "discriminator": 9}  # generator loss, real and fake, per micro-batch
     assert len(updates) == 2  # one VAE update and one discriminator update
     assert all(p.grad is None for p in trainer.vae.parameters())
+
+
+def test_bench_times_the_loader_alone_without_building_a_model(image_folder, tmp_path, monkeypatch):
+    import vae_hf.benchmark as benchmark
+    from vae_hf.config import load_config
+
+    monkeypatch.setattr(benchmark, "Trainer", None)  # nothing of the training side may be built
+    config = load_config(None, tiny_overrides(image_folder, tmp_path / "out", **{"data.num_workers": 1}))
+    report = benchmark.benchmark(config, steps=3, speed=False, loader=True)
+    assert report["data_loader"]["images_per_s"] > 0 and report["data_loader"]["batches_timed"] == 3
+    assert report["data_loader"]["workers"] == 1 and "trainer_disc_off" not in report
+    assert "data loader:" in benchmark.markdown(report)

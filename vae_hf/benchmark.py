@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vae_hf import data as vae_data
 from vae_hf.bare_step import unavoidable_step
 from vae_hf.config import Config, load_config
 from vae_hf.memory import (
@@ -49,9 +50,10 @@ def benchmark(
     speed: bool = True,
     memory: bool = False,
     memory_budget_gb: float | None = None,
+    loader: bool = False,
 ) -> dict[str, Any]:
-    """The speed section (trainer and bare loop, discriminator off and on) and/or the memory section;
-    returns the JSON-ready report."""
+    """The speed section (trainer and bare loop, discriminator off and on, which includes the data
+    loader's rate), or the loader alone, and/or the memory section; returns the JSON-ready report."""
     report: dict[str, Any] = {
         "device": _device_name(_default_device()),
         "config": {
@@ -65,6 +67,8 @@ def benchmark(
     if speed:
         with tempfile.TemporaryDirectory(prefix="vae-hf-bench-") as scratch:
             report.update(_speed(_benchmark_config(config, Path(scratch), steps + warmup), steps, warmup, peak_tflops))
+    elif loader:
+        report["data_loader"] = loader_section(config, steps)
     if memory:
         report["memory"] = memory_section(config, _default_device(), memory_budget_gb)
     return report
@@ -78,7 +82,7 @@ def _speed(config: Config, steps: int, warmup: int, peak_tflops: float | None) -
         report[f"overhead_disc_{disc}"] = (
             report[f"trainer_disc_{disc}"]["s_per_step"] / report[f"bare_disc_{disc}"]["s_per_step"]
         )
-    report["data_loader"] = _time_loader(trainer, steps)
+    report["data_loader"] = _time_loader(trainer.dataloader, steps, config.data.num_workers)
     report["flops_per_step_disc_on"] = _flops(trainer)
     report["mfu_disc_on"] = _mfu(report["flops_per_step_disc_on"], report, trainer.accelerator.device, peak_tflops)
     report["peak_memory_mb"] = _peak_memory_mb(trainer.accelerator.device)
@@ -220,14 +224,27 @@ def _bare_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
     return step
 
 
-def _time_loader(trainer: Trainer, batches: int) -> dict[str, float]:
-    """The data pipeline alone, with the configured workers: decode, resize, crop, collate."""
-    started, images = time.perf_counter(), 0
-    for index, batch in enumerate(trainer.dataloader):
-        images += len(batch["pixel_values"])
-        if index + 1 >= batches:
+def _time_loader(loader, batches: int, workers: int) -> dict[str, float]:
+    """The data pipeline alone, with the configured workers: decode, resize, crop, collate. Timed from the
+    first batch on, so the workers' start-up is left out: the rate a long run sees."""
+    images, started = 0, None
+    for index, batch in enumerate(loader):
+        if started is None:
+            started = time.perf_counter()
+        else:
+            images += len(batch["pixel_values"])
+        if index + 1 >= batches + 1:
             break
-    return {"images_per_s": images / (time.perf_counter() - started), "workers": trainer.config.data.num_workers}
+    if not images:
+        return {"images_per_s": None, "workers": workers, "batches_timed": 0}
+    return {"images_per_s": images / (time.perf_counter() - started), "workers": workers, "batches_timed": index}
+
+
+def loader_section(config: Config, batches: int) -> dict[str, float]:
+    """The training data loader as the trainer builds it, without the trainer (no model is built)."""
+    dataset = vae_data.training_dataset(config.data, config.seed)
+    loader = vae_data.build_dataloader(dataset, config.data, config.train.batch_size, config.seed)
+    return _time_loader(loader, batches, config.data.num_workers)
 
 
 def _flops(trainer: Trainer) -> float:
@@ -281,6 +298,8 @@ def markdown(report: dict[str, Any]) -> str:
     tables = [f"device: {report['device']}, torch {report['versions']['torch']}, {report['date']}"]
     if "trainer_disc_off" in report:
         tables.append(_speed_table(report))
+    elif "data_loader" in report:
+        tables.append(_loader_line(report["data_loader"]))
     if "memory" in report:
         tables.append(_memory_table(report["memory"]))
     return "\n\n".join(tables)
@@ -297,8 +316,16 @@ def _speed_table(report: dict[str, Any]) -> str:
     rows.append(f"| trainer / bare | {report['overhead_disc_off']:.3f} | {report['overhead_disc_on']:.3f} |")
     mfu = report["mfu_disc_on"]
     rows.append(f"| MFU | | {'n/a (peak unknown)' if mfu is None else f'{mfu:.1%}'} |")
-    rows.append(f"| data loader images/s | {report['data_loader']['images_per_s']:.1f} | |")
+    rows.append(f"| data loader images/s | {_rate(report['data_loader'])} | |")
     return "\n".join(rows)
+
+
+def _loader_line(loader: dict[str, Any]) -> str:
+    return f"data loader: {_rate(loader)} images/s with {loader['workers']} workers"
+
+
+def _rate(loader: dict[str, Any]) -> str:
+    return "n/a (fewer than 2 batches)" if loader["images_per_s"] is None else f"{loader['images_per_s']:.1f}"
 
 
 def _memory_table(memory: dict[str, Any]) -> str:
@@ -332,9 +359,10 @@ def bench_command(
     speed: bool = True,
     memory: bool = False,
     memory_budget_gb: float | None = None,
+    loader: bool = False,
 ) -> int:
     config = load_config(config_path, overrides)
-    report = benchmark(config, steps, warmup, peak_tflops, speed, memory, memory_budget_gb)
+    report = benchmark(config, steps, warmup, peak_tflops, speed, memory, memory_budget_gb, loader)
     print(markdown(report))
     if out:
         Path(out).write_text(json.dumps(report, indent=2))

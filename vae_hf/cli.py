@@ -205,6 +205,11 @@ def _add_bench(commands) -> None:
         "(measured on a GPU, estimated without one)",
     )
     parser.add_argument(
+        "--loader",
+        action="store_true",
+        help="with --no-speed: time the data loader alone (decode, resize, crop, collate; no model)",
+    )
+    parser.add_argument(
         "--memory-budget-gb", type=float, default=None, help="memory for the largest batch (default: GPU's, or 24)"
     )
     parser.set_defaults(
@@ -218,6 +223,7 @@ def _add_bench(commands) -> None:
             args.speed,
             args.memory,
             args.memory_budget_gb,
+            args.loader,
         )
     )
 
