@@ -3,34 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
-from vae_hf import benchmark, evaluation, hub, inference, latent_stats, single_file
-from vae_hf.checkpointing import CheckpointError
-from vae_hf.config import ConfigError, load_config
-from vae_hf.data import DataError
-from vae_hf.evaluation import EvaluationError
-from vae_hf.export import ExportError
-from vae_hf.hub import OfflineError, PushError
-from vae_hf.inference import InferenceError
-from vae_hf.latent_stats import LatentStatsError
-from vae_hf.model import ModelLoadError
-from vae_hf.trainer import Trainer, TrainingDiverged
+from vae_hf.config import load_config
+from vae_hf.errors import UserError
+from vae_hf.hub import DEFAULT_COMMIT_MESSAGE
 
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    ExportError,
-    ModelLoadError,
-    OfflineError,
-    CheckpointError,
-    TrainingDiverged,
-    InferenceError,
-    LatentStatsError,
-    PushError,
-    EvaluationError,
-)
+
+def _command(module: str, name: str):
+    """A subcommand's function, imported only when that subcommand runs: torch, diffusers and accelerate
+    take seconds to import, and a typo in an argument should not wait for them."""
+    return getattr(importlib.import_module(f"vae_hf.{module}"), name)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +31,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(config_path: str | None, overrides: list[str]) -> int:
     """Parse and check the whole config before building anything, then train."""
     config = load_config(config_path, overrides)
-    trainer = Trainer(config)
+    trainer = _command("trainer", "Trainer")(config)
     trainer.train()
     if trainer.stop_signal is not None:  # saved and stopped early: not a finished run
         return trainer.stop_request.exit_status
@@ -68,7 +53,7 @@ def _add_reconstruct(commands) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="tile size with --tile (default: sample_size)")
     parser.add_argument("--save-latents", action="store_true", help="also write <name>.safetensors (mean, logvar)")
     parser.set_defaults(
-        run=lambda args: inference.reconstruct_command(
+        run=lambda args: _command("inference", "reconstruct_command")(
             args.model, args.input, args.out, args.resolution, args.tile, args.save_latents
         )
     )
@@ -83,7 +68,7 @@ def _add_interpolate(commands) -> None:
     parser.add_argument("--resolution", type=int, default=None, help="centre-crop size (default: sample_size)")
     parser.add_argument("--out", required=True, help="grid PNG: row 1 linear, row 2 slerp")
     parser.set_defaults(
-        run=lambda args: inference.interpolate_command(
+        run=lambda args: _command("inference", "interpolate_command")(
             args.model, args.image_a, args.image_b, args.out, args.steps, args.resolution
         )
     )
@@ -100,7 +85,7 @@ def _add_latent_stats(commands) -> None:
     parser.add_argument("--write", action="store_true", help="store scaling_factor in the model's config.json")
     parser.add_argument("--shift", action="store_true", help="with --write, also store shift_factor = mean")
     parser.set_defaults(
-        run=lambda args: latent_stats.latent_stats_command(
+        run=lambda args: _command("latent_stats", "latent_stats_command")(
             args.model,
             args.data,
             args.resolution,
@@ -113,14 +98,19 @@ def _add_latent_stats(commands) -> None:
     )
 
 
+EXPORT_DTYPES = ("fp32", "fp16", "bf16")  # single_file.DTYPES's names (tested), without importing torch here
+
+
 def _add_export(commands) -> None:
     parser = commands.add_parser("export", help="write one LDM-layout .safetensors for ComfyUI / A1111")
     parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
     parser.add_argument("--single-file", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", choices=sorted(single_file.DTYPES), default="fp32", help="tensor precision")
+    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default="fp32", help="tensor precision")
     parser.add_argument("--prefix", action="store_true", help="nest the keys under first_stage_model.")
     parser.set_defaults(
-        run=lambda args: single_file.export_command(args.model, args.single_file, args.dtype, args.prefix)
+        run=lambda args: _command("single_file", "export_command")(
+            args.model, args.single_file, args.dtype, args.prefix
+        )
     )
 
 
@@ -135,10 +125,12 @@ def _add_push(commands) -> None:
     )
     parser.add_argument("--repo-id", required=True, help="OWNER/NAME of the Hub model repo (created if needed)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--commit-message", default=hub.DEFAULT_COMMIT_MESSAGE)
+    parser.add_argument("--commit-message", default=DEFAULT_COMMIT_MESSAGE)
     parser.add_argument("--license", default=None, help="licence id for the card's metadata, e.g. mit, openrail")
     parser.set_defaults(
-        run=lambda args: hub.push_command(args.model, args.repo_id, args.private, args.commit_message, args.license)
+        run=lambda args: _command("hub", "push_command")(
+            args.model, args.repo_id, args.private, args.commit_message, args.license
+        )
     )
 
 
@@ -157,14 +149,14 @@ def _add_evaluate(commands) -> None:
     parser.add_argument("--image-column", default="image", help="column holding the images")
     parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (a multiple of the VAE's f)")
     parser.add_argument("--max-images", type=int, default=None, help="stop after N usable images")
-    parser.add_argument("--metrics", default=",".join(evaluation.METRIC_NAMES), help="comma-separated subset")
+    parser.add_argument("--metrics", default="psnr,ssim,lpips,rfid", help="comma-separated subset")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
     parser.add_argument("--perceptual-random", action="store_true", help="random VGG trunk for LPIPS (offline tests)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     parser.set_defaults(
-        run=lambda args: evaluation.run_evaluation(
-            evaluation.EvaluationRequest(
+        run=lambda args: _command("evaluation", "run_evaluation")(
+            _command("evaluation", "EvaluationRequest")(
                 models=args.models,
                 data=args.data,
                 resolution=args.resolution,
@@ -213,7 +205,7 @@ def _add_bench(commands) -> None:
         "--memory-budget-gb", type=float, default=None, help="memory for the largest batch (default: GPU's, or 24)"
     )
     parser.set_defaults(
-        run=lambda args: benchmark.bench_command(
+        run=lambda args: _command("benchmark", "bench_command")(
             args.config,
             args.overrides,
             args.steps,
@@ -242,12 +234,16 @@ SUBCOMMANDS = [
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae-hf", description="Train and use Stable-Diffusion-style VAEs.")
     commands = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(commands)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return guarded(lambda: args.run(args))
 
 
@@ -264,7 +260,7 @@ def guarded(command) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return command()
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"vae-hf: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -31,6 +31,7 @@ from torchmetrics.image import FrechetInceptionDistance, StructuralSimilarityInd
 
 from vae_hf.config import DataConfig
 from vae_hf.data import ImageDataset, ImageTransform, collate, load_image_dataset, require_a_usable_image
+from vae_hf.errors import UserError
 from vae_hf.hub import OfflineError, unreachable_reason
 from vae_hf.model import load_vae
 from vae_hf.perceptual import build_lpips, require_vgg_weights
@@ -51,7 +52,7 @@ INCEPTION_WEIGHTS_URL = (
 INCEPTION_FEATURES = 2048
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """The evaluation cannot run as asked; the message says why in one line."""
 
 
@@ -379,7 +380,7 @@ def image_loader(request: EvaluationRequest) -> DataLoader:
 
 def load_checked_vae(source: str, resolution: int) -> AutoencoderKL:
     """Load a VAE and check that it can downsample the evaluation resolution."""
-    vae = load_vae(source)
+    vae = load_vae(source, option="--model")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if resolution % factor != 0:
         raise EvaluationError(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL
 
+from vae_hf.errors import UserError
+
 
 def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
     """Save config.json + diffusion_pytorch_model.safetensors into `folder`, replacing it safely.
@@ -32,5 +34,5 @@ def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
     return folder
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The VAE could not be written; the message says where and why in one line."""

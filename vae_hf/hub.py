@@ -19,17 +19,18 @@ from huggingface_hub import HfApi
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.utils import validate_repo_id
 
+from vae_hf.errors import UserError
 from vae_hf.model_card import CARD_FILE, write_model_card
 
 HUB_URL = "https://huggingface.co"
 PROBE_TIMEOUT_S = 5.0
 
 
-class OfflineError(RuntimeError):
+class OfflineError(UserError, RuntimeError):
     """Something had to be downloaded and the host cannot be reached; the message says what to do."""
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """A VAE folder could not be pushed to the Hub; the message says why in one line."""
 
 
@@ -122,19 +123,15 @@ def push_command(model: str, repo_id: str, private: bool, commit_message: str, l
 
 
 def _as_diffusers_folder(model: str, folder: Path) -> Path:
-    """Load a single file or a Hub VAE (failing in one line as `model.pretrained` does) and save it as a folder."""
+    """Load a single file or a Hub VAE and save it as a diffusers folder."""
     from vae_hf.export import save_vae
-    from vae_hf.model import ModelLoadError, load_vae  # model.py imports this module
+    from vae_hf.model import load_vae  # model.py imports this module
 
     if Path(model).exists() and Path(model).suffix != ".safetensors":
         raise PushError(
             f"--model must be a diffusers folder, a single-file .safetensors or a Hub model id, got {model}"
         )
-    try:
-        vae = load_vae(model)
-    except ModelLoadError as error:
-        raise PushError(str(error).replace("model.pretrained", "--model", 1)) from None
-    return save_vae(vae, folder)
+    return save_vae(load_vae(model, option="--model"), folder)
 
 
 def check_vae_folder(folder: Path) -> Path:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torchvision.transforms.v2 import functional as TF
 
 from vae_hf.data import DECODE_ERRORS, ImageTransform, decode_image
+from vae_hf.errors import UserError
 from vae_hf.model import load_vae
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ LATENT_FORMAT = "vae-hf/posterior-v1"
 FALLBACK_RESOLUTION = 256
 
 
-class InferenceError(RuntimeError):
+class InferenceError(UserError, RuntimeError):
     """An input or output of reconstruct/interpolate cannot be used; the message says why in one line."""
 
 
@@ -280,7 +281,7 @@ def reconstruct_command(
     model: str, source: str, out_dir: str, resolution: int | None, tile: bool, save_latents: bool
 ) -> int:
     """`vae-hf reconstruct`: load, maybe tile, reconstruct, and print one summary line."""
-    vae = prepare(load_vae(model))
+    vae = prepare(load_vae(model, option="--model"))
     if tile:
         configure_tiling(vae, resolution or default_resolution(vae))
     summary = reconstruct_images(vae, Path(source), Path(out_dir), save_latents, model_name=model)
@@ -357,7 +358,7 @@ def interpolate_command(model: str, image_a: str, image_b: str, out: str, steps:
     """`vae-hf interpolate`: a 2 x steps grid PNG of linear and spherical latent interpolations."""
     if steps < 2:
         raise InferenceError(f"--steps: need at least 2 (both ends), got {steps}")
-    vae = prepare(load_vae(model))
+    vae = prepare(load_vae(model, option="--model"))
     resolution = resolution or default_resolution(vae)
     factor = downsampling_factor(vae)
     if resolution <= 0 or resolution % factor:

@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader
 
 from vae_hf.config import DataConfig
 from vae_hf.data import DataError, ImageDataset, ImageTransform, collate, load_image_dataset
+from vae_hf.errors import UserError
 from vae_hf.inference import InferenceError, default_resolution, downsampling_factor, prepare
 from vae_hf.model import load_vae
 
 
-class LatentStatsError(RuntimeError):
+class LatentStatsError(UserError, RuntimeError):
     """The statistics cannot be computed or written; the message says why in one line."""
 
 
@@ -198,7 +199,7 @@ def latent_stats_command(
     if batch_size < 1 or num_workers < 0 or (max_images is not None and max_images < 1):
         raise LatentStatsError("--batch-size and --max-images must be >= 1, --num-workers >= 0")
     config_path = config_to_write(model) if write else None
-    vae = prepare(load_vae(model))
+    vae = prepare(load_vae(model, option="--model"))
     resolution = resolution or default_resolution(vae)
     if resolution <= 0 or resolution % downsampling_factor(vae):
         raise InferenceError(

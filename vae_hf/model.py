@@ -16,12 +16,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from vae_hf.config import ModelConfig
+from vae_hf.errors import UserError
 from vae_hf.hub import OfflineError, require_hub
 from vae_hf.single_file import load_single_file
 
 
-class ModelLoadError(RuntimeError):
-    """`model.pretrained` could not be loaded; the message says why in one line."""
+class ModelLoadError(UserError, RuntimeError):
+    """A VAE could not be loaded; the message names the option it came from and says why in one line."""
 
 
 def build_vae(config: ModelConfig, resolution: int) -> AutoencoderKL:
@@ -46,13 +47,14 @@ def build_vae(config: ModelConfig, resolution: int) -> AutoencoderKL:
     return vae
 
 
-def load_vae(source: str, subfolder: str | None = None) -> AutoencoderKL:
-    """Load from a local diffusers folder, a single-file .safetensors, or a Hub model id."""
+def load_vae(source: str, subfolder: str | None = None, option: str = "model.pretrained") -> AutoencoderKL:
+    """Load from a local diffusers folder, a single-file .safetensors, or a Hub model id; errors name `option`
+    (the config key or command-line flag the source came from)."""
     path = Path(source).expanduser()
     try:
         if path.suffix == ".safetensors":
             if not path.is_file():
-                raise ModelLoadError(f"model.pretrained: no such file {path}")
+                raise ModelLoadError(f"{option}: no such file {path}")
             # Our own reader, not from_single_file: that one fetches a reference config from the Hub, and a
             # SingleFileError (a ValueError) becomes a one-line ModelLoadError below.
             return load_single_file(path)
@@ -61,13 +63,13 @@ def load_vae(source: str, subfolder: str | None = None) -> AutoencoderKL:
                 subfolder = "vae"  # a whole pipeline folder: take its VAE
             return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder)
         if path.exists() or source.startswith((".", "/", "~")):
-            raise ModelLoadError(f"model.pretrained: {source} is neither a diffusers folder nor a .safetensors file")
-        require_hub(f"model.pretrained={source}", "Give a local folder, or pre-download it and set HF_HUB_OFFLINE=1.")
+            raise ModelLoadError(f"{option}: {source} is neither a diffusers folder nor a .safetensors file")
+        require_hub(f"{option}={source}", "Give a local folder, or pre-download it and set HF_HUB_OFFLINE=1.")
         return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
     except (ModelLoadError, OfflineError):
         raise
     except (OSError, ValueError, EnvironmentError) as error:
-        raise ModelLoadError(f"model.pretrained: cannot load {source}: {str(error).splitlines()[0]}") from None
+        raise ModelLoadError(f"{option}: cannot load {source}: {str(error).splitlines()[0]}") from None
 
 
 def freeze_encoder(vae: AutoencoderKL) -> None:

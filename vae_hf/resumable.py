@@ -10,9 +10,10 @@ from pathlib import Path
 
 from vae_hf.checkpointing import model_shape, read_tensors
 from vae_hf.ema import EMA
+from vae_hf.errors import UserError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """Too many consecutive non-finite steps; the state was saved before stopping."""
 
 

@@ -132,7 +132,7 @@ def export_command(model: str, out: str, dtype: str = "fp32", prefix: bool = Fal
     """`vae-hf export`: load any model source and write it as one LDM-layout file."""
     from vae_hf.model import load_vae  # imported here: model.py imports this module to read single files
 
-    path = save_single_file(load_vae(model), Path(out), dtype, prefix)
+    path = save_single_file(load_vae(model, option="--model"), Path(out), dtype, prefix)
     print(f"wrote {path} (LDM layout, {dtype}{', first_stage_model. prefix' if prefix else ''})")
     return 0
 
