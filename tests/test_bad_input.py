@@ -80,13 +80,21 @@ def test_an_unreadable_reference_image_falls_forward_to_the_next_readable_one(tm
     assert "a_first_and_broken.png" in caplog.text
 
 
-def test_non_finite_gradients_skip_the_update_then_stop_the_run_saved(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_non_finite_gradients_skip_the_update_then_stop_the_run_saved(tmp_path, monkeypatch, fused):
+    """Fused Adam skips on the device (found_inf), the foreach implementation on the host: the same outcome."""
     images = tmp_path / "images"
     write_images(images, 8)
     trainer = build(
         images,
         tmp_path,
-        **{"train.max_steps": 20, "train.max_nonfinite_steps": 3, "train.log_every_steps": 1, "loss.disc_weight": 0},
+        **{
+            "train.max_steps": 20,
+            "train.max_nonfinite_steps": 3,
+            "train.log_every_steps": 1,
+            "loss.disc_weight": 0,
+            "optim.fused": fused,
+        },
     )
     real_loss = trainer.generator_loss
     poisoned_from = 2  # steps 1 and 2 are fine; from the third on the loss is NaN

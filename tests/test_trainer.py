@@ -379,3 +379,35 @@ def test_persistent_workers_follow_the_epoch_of_augmentation(image_folder, tmp_p
         workers.append(tuple(worker.pid for worker in trainer.dataloader._iterator._workers))
     assert len(set(workers)) == 1 and len(workers[0]) == 2  # the same two processes served every epoch
     assert not torch.equal(main_process[0], main_process[1]) and not torch.equal(main_process[1], main_process[2])
+
+
+def weight_changes(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Train, and return how much each tensor of the VAE and the discriminator moved."""
+    models = {"vae": trainer.vae, "discriminator": trainer.discriminator}
+    start = {f"{n}.{k}": v.clone() for n, m in models.items() for k, v in m.state_dict().items()}
+    trainer.train()
+    return {f"{n}.{k}": v - start[f"{n}.{k}"] for n, m in models.items() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize(("steps", "tolerance"), [(1, 1e-5), (3, 1e-2)])
+def test_fused_and_foreach_adam_train_the_same_way(image_folder, tmp_path, steps, tolerance):
+    """optim.fused is a kernel choice only: both players' weights move the same way, to float rounding after
+    one step and within 1% of the largest move after three (the game amplifies rounding a little). eps=1 makes
+    Adam's step about lr * grad: at the default eps the first step is lr * sign(grad), and the float noise of
+    gradients that are really zero (a bias before a GroupNorm) would flip signs between kernels."""
+    common = {
+        "loss.disc_start_step": 0,
+        "model.sample_posterior": "false",
+        "train.max_steps": steps,
+        "optim.eps": 1.0,
+        "optim.lr": 1e-2,
+    }
+    fused = build(image_folder, tmp_path / "fused", **common, **{"optim.fused": "true"})
+    foreach = build(image_folder, tmp_path / "foreach", **common, **{"optim.fused": "false"})
+    assert fused.vae_player.optimizer.optimizer.defaults["fused"]
+    assert not foreach.vae_player.optimizer.optimizer.defaults["fused"]
+    moved_fused, moved_foreach = weight_changes(fused), weight_changes(foreach)
+    largest = max(change.abs().max().item() for change in moved_fused.values())
+    assert largest > 1e-3
+    difference = max((moved_fused[name] - moved_foreach[name]).abs().max().item() for name in moved_fused)
+    assert difference <= tolerance * largest
