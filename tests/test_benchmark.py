@@ -39,7 +39,7 @@ def test_bench_memory_section_reports_every_batch_and_the_largest_that_fits(tmp_
     included); the largest batch is the last whose estimate fits the budget."""
     from vae_hf.benchmark import markdown, memory_section
     from vae_hf.config import load_config
-    from vae_hf.memory import GIB, estimate_step_memory
+    from vae_hf.memory import GIB, StepOptions, estimate_step_memory
     from vae_hf.model import build_vae
 
     config = load_config(None, tiny_overrides(tmp_path / "unused", tmp_path / "out", **{"train.ema_decay": 0.99}))
@@ -56,7 +56,7 @@ def test_bench_memory_section_reports_every_batch_and_the_largest_that_fits(tmp_
     def peak(batch: int) -> int:
         return (
             ema
-            + estimate_step_memory(vae_config, 32, batch, gradient_checkpointing=False, mixed_precision="no")[
+            + estimate_step_memory(vae_config, 32, batch, gradient_checkpointing=False, options=StepOptions("no"))[
                 "peak_bytes"
             ]
         )

@@ -4,6 +4,7 @@ reproduced on the CPU, and the estimate moves the way memory does."""
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from vae_hf.memory import (
     CudaAutocastPolicy,
     LiveStorageTracker,
+    StepOptions,
     estimate_step_memory,
     fits_budget,
     largest_batch,
@@ -29,7 +31,7 @@ TINY = {key: value for key, value in tiny_vae().config.items() if not key.starts
 def test_estimate_matches_a_real_run(mixed_precision, gradient_checkpointing):
     """Fake and real tensors run the same ops and free at the same points, so the bytes agree to the
     byte; 1% of slack only lets a kernel's output layout differ from its fake (meta) implementation."""
-    options = dict(gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision)
+    options = dict(gradient_checkpointing=gradient_checkpointing, options=StepOptions(mixed_precision=mixed_precision))
     estimate = estimate_step_memory(TINY, 32, 2, **options)
     real = measure_step_memory(TINY, 32, 2, **options)
     assert estimate["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.01)
@@ -60,7 +62,7 @@ def test_memory_grows_with_batch_and_checkpointing_lowers_it():
 
 
 def test_largest_batch_fits_the_budget():
-    options = dict(gradient_checkpointing=False, perceptual=False, discriminator=None)
+    options = dict(gradient_checkpointing=False, options=StepOptions(perceptual=False, discriminator=None))
     peak = {batch: estimate_step_memory(TINY, 32, batch, **options)["peak_bytes"] for batch in (2, 3)}
     assert largest_batch(fits_budget(TINY, 32, (peak[2] + peak[3]) // 2, **options)) == 2
     assert largest_batch(fits_budget(TINY, 32, peak[3], **options)) == 3  # the budget itself still fits
@@ -106,3 +108,18 @@ def test_cpu_emulation_follows_cuda_autocast():
     assert emulated_dtypes == cuda_dtypes
     assert emulated_bytes == cuda_bytes
     assert cpu_policy_bytes < 0.9 * cuda_bytes
+
+
+def test_decoder_only_training_needs_no_encoder_gradients_state_or_activations():
+    """model.train_decoder_only: the frozen encoder has no Adam state and saves nothing for backward."""
+    full = estimate_step_memory(TINY, 64, 4, gradient_checkpointing=False)
+    decoder_only = estimate_step_memory(
+        TINY, 64, 4, gradient_checkpointing=False, options=StepOptions(decoder_only=True)
+    )
+    vae = tiny_vae()
+    frozen = [p for module in (vae.encoder, vae.quant_conv) for p in module.parameters()]
+    # exp_avg and exp_avg_sq, and the step counter (a scalar tensor for fused Adam), each in 512-byte blocks
+    state_bytes = sum(2 * math.ceil(4 * p.numel() / 512) * 512 + 512 for p in frozen)
+    assert full["optimizer_bytes"] - decoder_only["optimizer_bytes"] == state_bytes
+    assert decoder_only["activations_peak_bytes"] < full["activations_peak_bytes"]
+    assert decoder_only["parameters_bytes"] == full["parameters_bytes"]

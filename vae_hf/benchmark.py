@@ -28,6 +28,7 @@ from vae_hf.config import Config, load_config
 from vae_hf.memory import (
     GIB,
     DiscriminatorShape,
+    StepOptions,
     estimate_step_memory,
     largest_batch,
     measure_cuda_step_memory,
@@ -96,13 +97,14 @@ def memory_section(config: Config, device: torch.device, budget_gb: float | None
     vae = build_vae(config.model, config.data.resolution)
     vae_config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
     loss = config.loss
-    options = {
-        "mixed_precision": config.train.mixed_precision,
-        "perceptual": loss.perceptual_weight > 0,
-        "discriminator": DiscriminatorShape(loss.disc_channels, loss.disc_num_layers, loss.disc_norm)
+    options = StepOptions(
+        mixed_precision=config.train.mixed_precision,
+        perceptual=loss.perceptual_weight > 0,
+        discriminator=DiscriminatorShape(loss.disc_channels, loss.disc_num_layers, loss.disc_norm)
         if loss.disc_weight > 0
         else None,
-    }
+        decoder_only=config.model.train_decoder_only,
+    )
     # an EMA's fp32 shadow of the VAE stays on the device through every step
     ema_bytes = 4 * sum(t.numel() for t in vae.state_dict().values() if t.is_floating_point())
     ema_bytes = ema_bytes if config.train.ema_decay is not None else 0
@@ -110,11 +112,11 @@ def memory_section(config: Config, device: torch.device, budget_gb: float | None
     if device.type == "cuda":
         method = "measured: torch.cuda.max_memory_allocated over the step"
         budget = budget_gb * GIB if budget_gb else torch.cuda.get_device_properties(device).total_memory - ema_bytes
-        measure = partial(measure_cuda_step_memory, vae_config, resolution, device=device, **options)
+        measure = partial(measure_cuda_step_memory, vae_config, resolution, options=options, device=device)
     else:
         method = "estimated: live tensor storage of the step on fake tensors, CUDA autocast policy (no GPU)"
         budget = (budget_gb or DEFAULT_BUDGET_GB) * GIB
-        measure = partial(estimate_step_memory, vae_config, resolution, **options)
+        measure = partial(estimate_step_memory, vae_config, resolution, options=options)
 
     def peak(batch_size: int, checkpointing: bool) -> int | None:
         try:

@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_leaves, tree_map_only
 from vae_hf.bare_step import unavoidable_step
 from vae_hf.config import LossConfig
 from vae_hf.discriminator import PatchDiscriminator
+from vae_hf.model import freeze_encoder
 from vae_hf.perceptual import build_lpips
 from vae_hf.trainer import AUTOCAST_DTYPES
 
@@ -74,6 +75,21 @@ class DiscriminatorShape:
 
 
 TRAINER_DISCRIMINATOR = DiscriminatorShape()
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a training step runs besides the VAE's forward and backward, as the trainer's config sets it.
+
+    `discriminator=None` is a step before `loss.disc_start_step`, when the discriminator does not run;
+    `decoder_only` freezes the encoder as `model.train_decoder_only` does (no encoder gradients, Adam state
+    or saved activations).
+    """
+
+    mixed_precision: str = "bf16"
+    perceptual: bool = True
+    discriminator: DiscriminatorShape | None = TRAINER_DISCRIMINATOR
+    decoder_only: bool = False
 
 
 class LiveStorageTracker(TorchDispatchMode):
@@ -234,29 +250,17 @@ def estimate_step_memory(
     batch_size: int,
     *,
     gradient_checkpointing: bool,
-    mixed_precision: str = "bf16",
-    perceptual: bool = True,
-    discriminator: DiscriminatorShape | None = TRAINER_DISCRIMINATOR,
+    options: StepOptions = StepOptions(),
 ) -> dict[str, Any]:
     """Peak live tensor bytes of one training step, on fake tensors (see the module docstring).
 
-    `vae_config` holds AutoencoderKL's arguments (e.g. `SD_VAE_CONFIG`, or a model's `vae.config`);
-    `discriminator=None` is a step before `loss.disc_start_step`, when the discriminator does not run.
+    `vae_config` holds AutoencoderKL's arguments (e.g. `SD_VAE_CONFIG`, or a model's `vae.config`).
     Returns bytes: `peak_bytes`, its static part (`parameters_bytes`, `optimizer_bytes`, `inputs_bytes`)
     and `activations_peak_bytes` (gradients, saved activations and temporaries at the peak), plus
     `device` and `seconds` (how long the estimate took).
     """
     with FakeTensorMode():
-        return _track_step(
-            vae_config,
-            resolution,
-            batch_size,
-            gradient_checkpointing,
-            mixed_precision,
-            perceptual,
-            discriminator,
-            device="fake cpu",
-        )
+        return _track_step(vae_config, resolution, batch_size, gradient_checkpointing, options, device="fake cpu")
 
 
 def measure_step_memory(
@@ -265,21 +269,10 @@ def measure_step_memory(
     batch_size: int,
     *,
     gradient_checkpointing: bool,
-    mixed_precision: str = "bf16",
-    perceptual: bool = True,
-    discriminator: DiscriminatorShape | None = TRAINER_DISCRIMINATOR,
+    options: StepOptions = StepOptions(),
 ) -> dict[str, Any]:
     """The same step and tracker on real CPU tensors: what the estimate must reproduce (small models only)."""
-    return _track_step(
-        vae_config,
-        resolution,
-        batch_size,
-        gradient_checkpointing,
-        mixed_precision,
-        perceptual,
-        discriminator,
-        device="cpu",
-    )
+    return _track_step(vae_config, resolution, batch_size, gradient_checkpointing, options, device="cpu")
 
 
 def largest_batch(fits: Callable[[int], bool], upper: int = 256) -> int:
@@ -303,12 +296,12 @@ def largest_batch(fits: Callable[[int], bool], upper: int = 256) -> int:
 
 
 def fits_budget(
-    vae_config: Mapping[str, Any], resolution: int, budget_bytes: int, **options: Any
+    vae_config: Mapping[str, Any], resolution: int, budget_bytes: int, **keywords: Any
 ) -> Callable[[int], bool]:
-    """Whether a batch size's estimated peak is within `budget_bytes` (`options`: estimate_step_memory's)."""
+    """Whether a batch size's estimated peak is within `budget_bytes` (`keywords`: estimate_step_memory's)."""
 
     def fits(batch_size: int) -> bool:
-        return estimate_step_memory(vae_config, resolution, batch_size, **options)["peak_bytes"] <= budget_bytes
+        return estimate_step_memory(vae_config, resolution, batch_size, **keywords)["peak_bytes"] <= budget_bytes
 
     return fits
 
@@ -318,17 +311,13 @@ def _track_step(
     resolution: int,
     batch_size: int,
     gradient_checkpointing: bool,
-    mixed_precision: str,
-    perceptual: bool,
-    discriminator: DiscriminatorShape | None,
+    options: StepOptions,
     device: str,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    autocast_dtype = AUTOCAST_DTYPES.get(mixed_precision)
+    autocast_dtype = AUTOCAST_DTYPES.get(options.mixed_precision)
     checkpoint = None if autocast_dtype is None else _checkpoint_under(autocast_dtype)
-    step = _StepModels(
-        vae_config, resolution, batch_size, gradient_checkpointing, perceptual, discriminator, checkpoint
-    )
+    step = _StepModels(vae_config, resolution, batch_size, gradient_checkpointing, options, checkpoint)
     tracker = LiveStorageTracker()
     with tracker:
         parameters_bytes = tracker.track(t for model in step.models for t in (*model.parameters(), *model.buffers()))
@@ -344,7 +333,7 @@ def _track_step(
         "inputs_bytes": inputs_bytes,
         "activations_peak_bytes": tracker.peak_bytes - static_bytes,
         "device": device,
-        "autocast_policy": "cuda, emulated" if mixed_precision in AUTOCAST_DTYPES else None,
+        "autocast_policy": "cuda, emulated" if autocast_dtype is not None else None,
         "seconds": time.perf_counter() - started,
     }
 
@@ -355,16 +344,14 @@ def measure_cuda_step_memory(
     batch_size: int,
     *,
     gradient_checkpointing: bool,
-    mixed_precision: str = "bf16",
-    perceptual: bool = True,
-    discriminator: DiscriminatorShape | None = TRAINER_DISCRIMINATOR,
+    options: StepOptions = StepOptions(),
     device: torch.device | str = "cuda",
 ) -> dict[str, Any]:
     """The same step on a GPU, under torch.autocast: `torch.cuda.max_memory_allocated` over two steps (the
     second with Adam's state in place). Raises torch.cuda.OutOfMemoryError when it does not fit."""
     started = time.perf_counter()
-    dtype = AUTOCAST_DTYPES.get(mixed_precision)
-    step = _StepModels(vae_config, resolution, batch_size, gradient_checkpointing, perceptual, discriminator)
+    dtype = AUTOCAST_DTYPES.get(options.mixed_precision)
+    step = _StepModels(vae_config, resolution, batch_size, gradient_checkpointing, options)
     try:
         step.to(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -386,14 +373,16 @@ class _StepModels:
         resolution: int,
         batch_size: int,
         gradient_checkpointing: bool,
-        perceptual: bool,
-        discriminator: DiscriminatorShape | None,
+        options: StepOptions,
         checkpoint: Callable | None = None,
     ):
         self.vae = AutoencoderKL.from_config(dict(vae_config))
+        if options.decoder_only:
+            freeze_encoder(self.vae)
         if gradient_checkpointing:
             self.vae.enable_gradient_checkpointing(checkpoint)
-        self.lpips = build_lpips(pretrained=False) if perceptual else None
+        self.lpips = build_lpips(pretrained=False) if options.perceptual else None
+        discriminator = options.discriminator
         self.discriminator = (
             PatchDiscriminator(3, discriminator.channels, discriminator.num_layers, discriminator.norm)
             if discriminator is not None
