@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,13 @@ def write_images(folder: Path, count: int, size=(40, 48), seed: int = 0) -> list
         Image.fromarray(pixels.astype(np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+def run_cli(*args: str, timeout: int = 300) -> "subprocess.CompletedProcess":
+    """`python -m vae_hf ARGS` in a fresh process, as a user runs it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "vae_hf", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tiny_vae(seed: int = 0, widths=(32, 64), norm_num_groups: int = 32, sample_size: int = 32):

@@ -2,12 +2,10 @@
 never asserted)."""
 
 import json
-import subprocess
-import sys
 
 import torch
 
-from conftest import ROOT, tiny_overrides, write_images
+from conftest import run_cli, tiny_overrides, write_images
 
 
 def test_bench_writes_its_report(tmp_path):
@@ -15,13 +13,7 @@ def test_bench_writes_its_report(tmp_path):
     write_images(images, 16)
     out = tmp_path / "bench.json"
     overrides = tiny_overrides(images, tmp_path / "unused", **{"train.max_steps": 1})
-    result = subprocess.run(
-        [sys.executable, "-m", "vae_hf", "bench", *overrides, "--steps", "3", "--warmup", "1", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli("bench", *overrides, "--steps", "3", "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     for name in ("trainer_disc_off", "trainer_disc_on", "bare_disc_off", "bare_disc_on"):

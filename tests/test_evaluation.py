@@ -3,8 +3,6 @@ rFID that says why it is missing instead of inventing a number, and one-line err
 
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from vae_hf.evaluation import (
     inception_features,
 )
 
-from conftest import ROOT, tiny_vae
+from conftest import run_cli, tiny_vae
 
 OFFLINE = "cannot reach github.com: offline for this test"
 
@@ -215,14 +213,9 @@ def two_models(tmp_path) -> list[str]:
 def test_evaluate_command_writes_json_and_prints_one_table_row_per_model(two_models, image_folder, tmp_path):
     out = tmp_path / "report" / "scores.json"
     models = [arg for folder in two_models for arg in ("--model", folder)]
-    command = [sys.executable, "-m", "vae_hf", "evaluate", *models, "--data", str(image_folder)]
     options = ["--resolution", "32", "--metrics", "psnr,ssim,lpips", "--perceptual-random", "--batch-size", "3"]
-    result = subprocess.run(
-        [*command, *options, "--num-workers", "0", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_cli(
+        "evaluate", *models, "--data", str(image_folder), *options, "--num-workers", "0", "--out", str(out)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

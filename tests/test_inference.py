@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from vae_hf.inference import (
     to_image,
 )
 
-from conftest import ROOT, write_images
+from conftest import run_cli, write_images
 from conftest import tiny_vae as conftest_tiny_vae
 
 
@@ -160,12 +158,6 @@ def test_interpolation_grid_holds_a_linear_and_a_spherical_row_of_steps(tmp_path
     for column in (0, steps - 1):  # both paths start at image A's latents and end at image B's
         assert np.abs(tiles[0][column] - tiles[1][column]).max() <= 2
     assert np.abs(tiles[0][0] - tiles[0][steps // 2]).max() > 2  # the middle is neither end
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "vae_hf", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
 
 
 def test_reconstruct_and_interpolate_commands_write_their_images(tmp_path, vae_folder):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ from vae_hf.latent_stats import (
     write_factors,
 )
 
-from conftest import ROOT
+from conftest import run_cli
 from conftest import tiny_vae as conftest_tiny_vae
 
 RESOLUTION = 32
@@ -138,10 +136,9 @@ def test_write_finds_the_vae_of_a_pipeline_folder(tmp_path, vae_folder):
 
 
 def test_latent_stats_command_runs_and_writes_the_config(vae_folder, image_folder):
-    result = subprocess.run(
-        [sys.executable, "-m", "vae_hf", "latent-stats", "--model", str(vae_folder), "--data", str(image_folder),
-         "--max-images", "6", "--batch-size", "4", "--write", "--shift"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = run_cli(
+        "latent-stats", "--model", str(vae_folder), "--data", str(image_folder),
+        "--max-images", "6", "--batch-size", "4", "--write", "--shift",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "latents of 6 images" in result.stdout and "scaling_factor" in result.stdout
