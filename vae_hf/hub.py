@@ -86,6 +86,11 @@ def push_vae_folder(
     folder = check_vae_folder(Path(folder))
     check_repo_id(repo_id)
     require_push_access()
+    return _upload(folder, repo_id, private, commit_message, license_id)
+
+
+def _upload(folder: Path, repo_id: str, private: bool, commit_message: str, license_id: str | None) -> str:
+    """Stage `folder` with its card and upload it; the folder, repo id and access are already checked."""
     with tempfile.TemporaryDirectory(prefix="vae-hf-push-") as temporary:
         staging = stage_upload(folder, Path(temporary) / folder.name, repo_id, license_id)
         api = HfApi()
@@ -117,7 +122,7 @@ def push_command(model: str, repo_id: str, private: bool, commit_message: str, l
         require_push_access()
         if is_hub_id:
             folder = _as_diffusers_folder(model, converted)
-        url = push_vae_folder(folder, repo_id, private, commit_message, license_id)
+        url = _upload(folder, repo_id, private, commit_message, license_id)
     print(f"pushed {model} to {url}")
     return 0
 
