@@ -84,10 +84,14 @@ def decoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
     return vae.decoder.conv_out.weight
 
 
+def unsharded(value: torch.Tensor) -> torch.Tensor:
+    """The full tensor of an FSDP2 shard (a DTensor; every process must call this), or `value` itself."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 def gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict with FSDP2's shards (DTensors) replaced by their full tensors; under FSDP every
-    process must call this (an all-gather per sharded tensor). Plain tensors pass through."""
-    return {name: value.full_tensor() if hasattr(value, "full_tensor") else value for name, value in state.items()}
+    """A state dict with FSDP2's shards replaced by their full tensors (an all-gather per sharded tensor)."""
+    return {name: unsharded(value) for name, value in state.items()}
 
 
 def encoder_fingerprint(vae: AutoencoderKL) -> str:

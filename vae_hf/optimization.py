@@ -16,6 +16,7 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 
 from vae_hf.config import OptimConfig
+from vae_hf.model import unsharded
 
 SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
@@ -74,8 +75,7 @@ class Player:
             grad_norm = accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
         else:  # measure only: clipping at infinity would still multiply every gradient by 1
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.parameters if p.grad is not None])
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; the global norm as a plain tensor
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = unsharded(grad_norm)  # FSDP2 returns a DTensor: the global norm as a plain tensor
         finite = torch.isfinite(grad_norm)
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # under Accelerate's wrapper
         if optimizer.defaults.get("fused"):

@@ -44,11 +44,17 @@ class OutputsMixin:
         self.accelerator.log(values, step=self.progress.global_step)
         return values
 
+    def shown_vae(self):
+        """The weights samples and latent statistics show: the EMA's when EMA is on, else the trained ones
+        (gathered under FSDP, so every process must call this there)."""
+        vae = self.full_vae()
+        return vae if self.ema is None else self.ema.copy_of(vae)
+
     def write_sample(self) -> Path | None:
         """Reconstructions of the reference images, by the EMA weights when EMA is on."""
         if not (self.is_main or self.accelerator.is_fsdp2):  # sharded weights: every process gathers
             return None
-        vae = self.full_vae() if self.ema is None else self.ema.copy_of(self.full_vae())
+        vae = self.shown_vae()
         if not self.is_main:
             return None
         path = save_sample(vae, self.reference_images, self.output_dir / "samples", self.progress.global_step)

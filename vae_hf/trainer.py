@@ -380,10 +380,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
             self.save_checkpoint()
         if self.validator.enabled:
             self.evaluate("final")
-            vae = self.full_vae()
-            self.validator.latent_statistics(
-                vae if self.ema is None else self.ema.copy_of(vae), self.progress.global_step
-            )
+            self.validator.latent_statistics(self.shown_vae(), self.progress.global_step)
         if self.config.train.push_to_hub and not self.config.train.hub_push_every_export:
             self.push()
         self.accelerator.end_training()
