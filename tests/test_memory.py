@@ -16,7 +16,6 @@ from vae_hf.memory import (
     LiveStorageTracker,
     StepOptions,
     estimate_step_memory,
-    fits_budget,
     largest_batch,
     measure_step_memory,
 )
@@ -59,6 +58,11 @@ def test_memory_grows_with_batch_and_checkpointing_lowers_it():
     assert peaks[4, False] > 1.7 * peaks[2, False]  # activations scale with the batch
     assert peaks[4, True] < peaks[4, False]
     assert peaks[4, True] > peaks[2, True]
+
+
+def fits_budget(vae_config, resolution: int, budget_bytes: int, **keywords):
+    """Whether a batch size's estimated peak is within `budget_bytes`."""
+    return lambda batch: estimate_step_memory(vae_config, resolution, batch, **keywords)["peak_bytes"] <= budget_bytes
 
 
 def test_largest_batch_fits_the_budget():

@@ -9,6 +9,7 @@ from PyTorch's counter / step time / the device's peak, when the peak is known o
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import statistics
@@ -55,8 +56,9 @@ def benchmark(
 ) -> dict[str, Any]:
     """The speed section (trainer and bare loop, discriminator off and on, which includes the data
     loader's rate), or the loader alone, and/or the memory section; returns the JSON-ready report."""
+    device = _default_device()
     report: dict[str, Any] = {
-        "device": _device_name(_default_device()),
+        "device": _device_name(device),
         "config": {
             "batch_size": config.train.batch_size,
             "resolution": config.data.resolution,
@@ -71,7 +73,7 @@ def benchmark(
     elif loader:
         report["data_loader"] = loader_section(config, steps)
     if memory:
-        report["memory"] = memory_section(config, _default_device(), memory_budget_gb)
+        report["memory"] = memory_section(config, device, memory_budget_gb)
     return report
 
 
@@ -118,6 +120,7 @@ def memory_section(config: Config, device: torch.device, budget_gb: float | None
         budget = (budget_gb or DEFAULT_BUDGET_GB) * GIB
         measure = partial(estimate_step_memory, vae_config, resolution, options=options)
 
+    @functools.cache  # the table's batches come up again in the search for the largest batch
     def peak(batch_size: int, checkpointing: bool) -> int | None:
         try:
             return measure(batch_size, gradient_checkpointing=checkpointing)["peak_bytes"] + ema_bytes

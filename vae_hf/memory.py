@@ -295,17 +295,6 @@ def largest_batch(fits: Callable[[int], bool], upper: int = 256) -> int:
     return fitting
 
 
-def fits_budget(
-    vae_config: Mapping[str, Any], resolution: int, budget_bytes: int, **keywords: Any
-) -> Callable[[int], bool]:
-    """Whether a batch size's estimated peak is within `budget_bytes` (`keywords`: estimate_step_memory's)."""
-
-    def fits(batch_size: int) -> bool:
-        return estimate_step_memory(vae_config, resolution, batch_size, **keywords)["peak_bytes"] <= budget_bytes
-
-    return fits
-
-
 def _track_step(
     vae_config: Mapping[str, Any],
     resolution: int,
