@@ -22,6 +22,16 @@ RECIPE = {
     "train.max_steps": 2,
 }
 
+# The game the sharded runs play: the discriminator on from the start, the EMA, gradient accumulation.
+GAME = {
+    "loss.disc_weight": 0.5,
+    "loss.disc_start_step": 0,
+    "loss.adaptive_disc_weight": "true",
+    "train.ema_decay": 0.9,
+    "train.batch_size": 1,
+    "train.gradient_accumulation_steps": 2,
+    "train.max_steps": 3,
+}
 
 DDP_LAUNCH = [
     sys.executable,
@@ -66,27 +76,18 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(image_folder
 
 
 def test_fsdp_trains_both_players_as_ddp_does_and_resumes(image_folder, tmp_path):
-    """FSDP2 (fully_shard) on gloo, from configs/accelerate/fsdp.yaml (tests/fsdp_on_cpu.py switches
+    """FSDP2 (fully_shard) on gloo, from configs/accelerate/fsdp.yaml (tests/sharded_on_cpu.py switches
     Accelerate's FSDP on for CPU processes). With the discriminator on from the start, the EMA and
     gradient accumulation, a sharded run stopped after step 2 and resumed to step 3 ends with DDP's
     weights: no generator gradient reaches the discriminator, the EMA is gathered for export, and the
     checkpoint holds FSDP's gathered state (torch files loaded with weights_only=True)."""
-    game = {
-        "loss.disc_weight": 0.5,
-        "loss.disc_start_step": 0,
-        "loss.adaptive_disc_weight": "true",
-        "train.ema_decay": 0.9,
-        "train.batch_size": 1,
-        "train.gradient_accumulation_steps": 2,
-        "train.max_steps": 3,
-    }
     fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml"]
-    script = "tests/fsdp_on_cpu.py"
-    train(fsdp, tmp_path / "fsdp", image_folder, script=script, **{**game, "train.max_steps": 2})
+    script = "tests/sharded_on_cpu.py"
+    train(fsdp, tmp_path / "fsdp", image_folder, script=script, **{**GAME, "train.max_steps": 2})
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and not (checkpoint / "model.safetensors").exists()
-    sharded = train(fsdp, tmp_path / "fsdp", image_folder, script=script, **game, **{"train.resume_from": "latest"})
-    replicated = train(DDP_LAUNCH, tmp_path / "ddp", image_folder, **game)
+    sharded = train(fsdp, tmp_path / "fsdp", image_folder, script=script, **GAME, **{"train.resume_from": "latest"})
+    replicated = train(DDP_LAUNCH, tmp_path / "ddp", image_folder, **GAME)
     assert largest_difference(sharded, replicated) < 1e-6
     ema = {
         run: load_file(tmp_path / run / "vae_ema" / "diffusion_pytorch_model.safetensors") for run in ("fsdp", "ddp")
@@ -95,18 +96,85 @@ def test_fsdp_trains_both_players_as_ddp_does_and_resumes(image_folder, tmp_path
     assert largest_difference(sharded, ema["fsdp"]) > 1e-6  # the EMA export is the average, not the weights
 
 
-@pytest.mark.parametrize(
-    ("distributed_type", "fsdp2", "message"),
-    [("DEEPSPEED", False, "DeepSpeed is not supported"), ("FSDP", False, "fsdp_version: 2")],
-)
-def test_unsupported_launch_setups_are_refused_before_anything_is_built(distributed_type, fsdp2, message, monkeypatch):
+def test_deepspeed_zero2_trains_both_players_as_ddp_does_and_resumes(image_folder, tmp_path):
+    """DeepSpeed ZeRO-2 on gloo, from configs/accelerate/deepspeed_zero2.yaml, one engine per player. The same
+    game as the FSDP test, stopped after step 2 and resumed to step 3, ends with DDP's weights; the checkpoint
+    holds the gathered weights and Adam state as safetensors, not DeepSpeed's pickled files."""
+    deepspeed = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/deepspeed_zero2.yaml",
+    ]
+    script = "tests/sharded_on_cpu.py"
+    # clipped by the engine under ZeRO, by Accelerate under DDP; the warm-up's learning rate carries over the resume
+    game = {**GAME, "optim.max_grad_norm": 0.3, "optim.warmup_steps": 3}
+    train(deepspeed, tmp_path / "zero", image_folder, script=script, **{**game, "train.max_steps": 2})
+    checkpoint = tmp_path / "zero" / "checkpoints" / "checkpoint-2"
+    saved = {path.name for path in checkpoint.iterdir()}
+    assert {"model.safetensors", "model_1.safetensors", "optimizer.safetensors", "optimizer_1.safetensors"} <= saved
+    assert not [name for name in saved if name.endswith((".pt", ".bin")) or (checkpoint / name).is_dir()]
+    moments = load_file(checkpoint / "optimizer.safetensors")
+    assert moments["step"].item() == 2 and "vae.decoder.conv_out.weight.exp_avg_sq" in moments
+    partitioned = train(
+        deepspeed, tmp_path / "zero", image_folder, script=script, **game, **{"train.resume_from": "latest"}
+    )
+    replicated = train(DDP_LAUNCH, tmp_path / "ddp", image_folder, **game)
+    # the checkpoint resumes only under DeepSpeed: a DDP launch is refused in one line
+    refused = subprocess.run(
+        [*DDP_LAUNCH, "train_autoencoder.py", *tiny_overrides(image_folder, tmp_path / "zero", **{**RECIPE, **game})]
+        + ["train.resume_from=latest", "train.max_steps=4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+    )
+    assert refused.returncode != 0
+    assert "was saved under DeepSpeed ZeRO-2, this run is DDP or one process" in refused.stderr
+    assert largest_difference(partitioned, replicated) < 1e-6
+    ema = {
+        run: load_file(tmp_path / run / "vae_ema" / "diffusion_pytorch_model.safetensors") for run in ("zero", "ddp")
+    }
+    assert largest_difference(ema["zero"], ema["ddp"]) < 1e-6
+
+
+def test_deepspeed_skips_non_finite_updates_then_stops_the_run_saved(image_folder, tmp_path):
+    """A learning rate of 1e38 blows the weights up at the first update; every gradient after it is NaN. The
+    engines skip those updates, the trainer counts them and stops after `train.max_nonfinite_steps`, saving
+    the state it had after step 1."""
+    deepspeed = [
+        *[sys.executable, "-m", "accelerate.commands.launch"],
+        *["--config_file", "configs/accelerate/deepspeed_zero2.yaml"],
+    ]
+    blow_up = {"optim.lr": 1e38, "train.max_steps": 10, "train.max_nonfinite_steps": 2, "train.log_every_steps": 1}
+    overrides = tiny_overrides(image_folder, tmp_path, **{**RECIPE, **blow_up, "train.checkpoint_every_steps": 1})
+    result = subprocess.run(
+        [*deepspeed, "tests/sharded_on_cpu.py", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+    )
+    assert result.returncode != 0
+    assert "2 optimizer steps in a row had non-finite gradients (step 3)" in result.stderr
+    after_first, stopped = (
+        load_file(tmp_path / "checkpoints" / f"checkpoint-{step}" / "model.safetensors") for step in (1, 3)
+    )
+    assert largest_difference(after_first, stopped) == 0.0
+    assert all(torch.isfinite(value).all() for value in stopped.values())
+
+
+def test_fsdp1_is_refused_before_anything_is_built(monkeypatch):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    from vae_hf.config import ConfigError
+    from vae_hf.config import ConfigError, load_config
     from vae_hf.trainer import require_supported_distribution
 
-    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[distributed_type]))
-    monkeypatch.setattr(Accelerator, "is_fsdp2", property(lambda self: fsdp2))
-    with pytest.raises(ConfigError, match=message):
-        require_supported_distribution(Accelerator(cpu=True))
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
+    monkeypatch.setattr(Accelerator, "is_fsdp2", property(lambda self: False))
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        require_supported_distribution(Accelerator(cpu=True), load_config(None, []))

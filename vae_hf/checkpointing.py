@@ -1,6 +1,7 @@
 """Full training state in `<output_dir>/checkpoints/checkpoint-<step>/`, written so it is never half there.
 
-Accelerate's `save_state` writes the models (safetensors), optimizers and every process's RNG state;
+Accelerate's `save_state` writes the models (safetensors), optimizers and every process's RNG state
+(under DeepSpeed the trainer writes the models and the gathered optimizer state itself, see `vae_hf.zero`);
 we add `trainer_state.json` (step, epoch, data position, schedules, gradient scalers) and
 `model_shape.json` (the architectures being trained). A checkpoint is written to a hidden staging folder and
 renamed into place once complete, so `latest` never picks a half-written one. Everything loads
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from vae_hf.errors import UserError
@@ -147,9 +149,21 @@ class Checkpointer:
                 f"train.resume_from: {path} was saved by {saved_processes} processes, this run has "
                 f"{self.accelerator.num_processes}; the data position only carries over unchanged"
             )
+        saved_layout, layout = state.get("layout"), checkpoint_layout(self.accelerator)
+        if saved_layout is not None and saved_layout != layout:
+            raise CheckpointError(
+                f"train.resume_from: {path} was saved under {saved_layout}, this run is {layout}; "
+                "resume with the accelerate launch config it was trained with"
+            )
         self.accelerator.load_state(str(path))
         own = path / f"process_{self.accelerator.process_index}.json"
         return state, json.loads(own.read_text())
+
+
+def checkpoint_layout(accelerator: Accelerator) -> str:
+    """How a launch setup lays out model and optimizer state in a checkpoint; resuming needs the same."""
+    layouts = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed ZeRO-2"}
+    return layouts.get(accelerator.distributed_type, "DDP or one process")
 
 
 def read_tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ and would then unscale the second player's gradients with a scale they were not 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -44,7 +45,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, total
 class Player:
     """One side of the game: a prepared model with its optimizer, schedule and optional scaler."""
 
-    model: nn.Module
+    model: nn.Module  # what the step runs: wrapped for the launch setup (DDP, a DeepSpeed engine) or sharded in place
+    module: nn.Module  # the same model as built, unwrapped (under FSDP2 its weights are shards)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None = None
@@ -88,6 +90,11 @@ class Player:
             self.scaler.update()  # backs the scale off after an overflow, grows it after a clean run
         self.optimizer.zero_grad(set_to_none=True)
         return finite, grad_norm.detach()
+
+    def side_gradients(self, output: torch.Tensor):
+        """Context for gradients taken through this player's `output` besides its backward (the adaptive
+        weight's); nothing to do for a plain prepared model."""
+        return contextlib.nullcontext()
 
     def advance_schedule(self) -> None:
         """One scheduler step per optimizer step of the run, whether or not this player updated."""

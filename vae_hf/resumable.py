@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vae_hf.checkpointing import model_shape, read_tensors
+from vae_hf.checkpointing import checkpoint_layout, model_shape, read_tensors
 from vae_hf.ema import EMA
 from vae_hf.errors import UserError
+from vae_hf.zero import ZeroPlayer
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -33,6 +34,7 @@ class CheckpointingMixin:
         players = {"vae": self.vae_player, "discriminator": self.disc_player}
         return {
             "num_processes": self.accelerator.num_processes,
+            "layout": checkpoint_layout(self.accelerator),
             "progress": self.progress.state_dict(),
             "schedulers": {name: p.scheduler.state_dict() for name, p in players.items() if p is not None},
             "scalers": {name: p.scaler.state_dict() for name, p in players.items() if p is not None and p.scaler},
@@ -52,9 +54,16 @@ class CheckpointingMixin:
         """What differs between processes: each rank's position in its shard of a stream."""
         return {"stream": self.dataloader.state_dict() if self.streaming else None}
 
+    def _zero_players(self) -> dict[str, ZeroPlayer]:
+        """DeepSpeed's players by the suffix of their checkpoint files (as Accelerate names models)."""
+        players = {"": self.vae_player, "_1": self.disc_player}
+        return {suffix: player for suffix, player in players.items() if isinstance(player, ZeroPlayer)}
+
     def save_checkpoint(self) -> Path:
         self._settle_nonfinite()
-        tensors = None if self.ema is None else {"ema": self.ema.state_dict()[0]}
+        tensors = {} if self.ema is None else {"ema": self.ema.state_dict()[0]}
+        for suffix, player in self._zero_players().items():  # every process joins the gathers
+            tensors[f"model{suffix}"], tensors[f"optimizer{suffix}"] = player.state_tensors()
         path = self.checkpointer.save(
             self.progress.global_step, self.state_dict(), self.model_shape, self.process_state_dict(), tensors
         )
@@ -69,6 +78,8 @@ class CheckpointingMixin:
             return
         state, process_state = self.checkpointer.load(path, self.model_shape)
         self.load_state_dict(state)
+        for suffix, player in self._zero_players().items():
+            player.load_state_tensors(read_tensors(path, f"model{suffix}"), read_tensors(path, f"optimizer{suffix}"))
         if self.ema is not None:
             if state.get("ema") is None:  # EMA switched on for a run that had none: start it from here
                 self.ema = EMA(self.vae, self.config.train.ema_decay)

@@ -42,6 +42,7 @@ from vae_hf.progress import TrainProgress
 from vae_hf.resumable import CheckpointingMixin, TrainingDiverged  # noqa: F401 (re-exported)
 from vae_hf.signals import StopRequest
 from vae_hf.validation import Validator
+from vae_hf.zero import ZeroPlayer, engine_config, initialize_engine
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +68,16 @@ def frozen(module: nn.Module):
             parameter.requires_grad_(flag)
 
 
-def require_supported_distribution(accelerator: Accelerator) -> None:
-    """DDP and FSDP2 train both players; refuse the launch setups that cannot, before anything is built."""
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(
-            "accelerate launch: DeepSpeed is not supported (Accelerate drives one DeepSpeed engine per Accelerator, "
-            "and the VAE and the discriminator each need their own); use configs/accelerate/fsdp.yaml or DDP"
-        )
+def require_supported_distribution(accelerator: Accelerator, config: Config) -> dict | None:
+    """DDP, FSDP2 and DeepSpeed ZeRO-2 train both players; refuse the launch setups that cannot, before
+    anything is built. Returns the DeepSpeed engines' config under DeepSpeed, else None."""
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ConfigError("accelerate launch: FSDP needs fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return engine_config(
+        accelerator.state.deepspeed_plugin, config.train, config.optim.max_grad_norm, accelerator.num_processes
+    )
 
 
 class Trainer(CheckpointingMixin, OutputsMixin):
@@ -125,7 +127,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
             ),
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
         )
-        require_supported_distribution(accelerator)
+        self.zero_config = require_supported_distribution(accelerator, config)
         return accelerator
 
     def _build_data(self) -> None:
@@ -198,10 +200,15 @@ class Trainer(CheckpointingMixin, OutputsMixin):
         config = self.config
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(trainable, config.optim, lr)
+        if self.zero_config is not None:  # the engine partitions `optimizer`, which the schedule still drives
+            engine = initialize_engine(model, optimizer, self.zero_config)
+            scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
+            return ZeroPlayer(engine, model, optimizer, scheduler, None, config.optim.max_grad_norm)
         self._fsdp_units_for(model)
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        prepared, optimizer = self.accelerator.prepare(model, optimizer)
         scaler = torch.amp.GradScaler(self.accelerator.device.type) if config.train.mixed_precision == "fp16" else None
         return Player(
+            prepared,
             model,
             optimizer,
             build_scheduler(optimizer, config.optim, self.total_steps),
@@ -231,7 +238,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
     def vae(self):
         """The bare AutoencoderKL being trained (training goes through the prepared module). Under FSDP its
         weights are shards: samples, evaluation and export use `full_vae()`."""
-        return self.accelerator.unwrap_model(self.vae_player.model).vae
+        return self.vae_player.module.vae
 
     def full_vae(self) -> AutoencoderKL:
         """The VAE as a plain module with all its weights, for samples, evaluation and export: `self.vae`
@@ -244,7 +251,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
 
     @property
     def discriminator(self) -> nn.Module | None:
-        return None if self.disc_player is None else self.accelerator.unwrap_model(self.disc_player.model)
+        return None if self.disc_player is None else self.disc_player.module
 
     @property
     def stop_signal(self) -> str | None:
@@ -300,9 +307,10 @@ class Trainer(CheckpointingMixin, OutputsMixin):
                 g_adv = generator_adversarial_loss(discriminator(reconstructions), loss_config.disc_loss)
             disc_weight = zero + loss_config.disc_weight
             if loss_config.adaptive_disc_weight:
-                disc_weight = disc_weight * adaptive_disc_weight(
-                    nll, g_adv, decoder_last_layer(self.vae), loss_config.adaptive_weight_max
-                )
+                with self.vae_player.side_gradients(reconstructions):
+                    disc_weight = disc_weight * adaptive_disc_weight(
+                        nll, g_adv, decoder_last_layer(self.vae), loss_config.adaptive_weight_max
+                    )
             g_loss = g_loss + disc_weight * g_adv
         breakdown = {
             "rec": rec,
