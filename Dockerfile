@@ -14,7 +14,7 @@ COPY pyproject.toml README.md train_autoencoder.py ./
 COPY vae_hf ./vae_hf
 COPY configs ./configs
 COPY assets ./assets
-RUN pip install --no-cache-dir . && chown -R vae:vae /workspace
+RUN pip install --no-cache-dir ".[deepspeed]" && chown -R vae:vae /workspace
 
 USER vae
 VOLUME ["/home/vae/.cache/huggingface"]

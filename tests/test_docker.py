@@ -23,7 +23,7 @@ def test_every_copied_path_exists_and_is_not_docker_ignored():
 def test_it_builds_on_a_cuda_pytorch_base_and_installs_the_package():
     (base,) = instructions("FROM")
     assert base.startswith("pytorch/pytorch:") and "cuda" in base
-    assert any(re.search(r"pip install .*\s\.(\s|$)", run) for run in instructions("RUN"))
+    assert any(re.search(r"pip install .*\s\"?\.(\[[a-z,]+\])?\"?(\s|$)", run) for run in instructions("RUN"))
 
 
 def test_it_trains_as_a_non_root_user_with_the_hub_cache_on_a_volume():
