@@ -33,10 +33,9 @@ GAME = {
     "train.max_steps": 3,
 }
 
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 DDP_LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
+    *ACCELERATE,
     "--multi_gpu",
     "--num_processes",
     "2",
@@ -49,14 +48,23 @@ DDP_LAUNCH = [
 ]
 
 
-def train(
+FSDP_LAUNCH = [*ACCELERATE, "--config_file", "configs/accelerate/fsdp.yaml"]
+DEEPSPEED_LAUNCH = [*ACCELERATE, "--config_file", "configs/accelerate/deepspeed_zero2.yaml"]
+SHARDED_ON_CPU = "tests/sharded_on_cpu.py"  # Accelerate turns FSDP and DeepSpeed on only for GPU processes
+
+
+def launch(
     args: list[str], output_dir: Path, images: Path, script: str = "train_autoencoder.py", **overrides
-) -> dict[str, torch.Tensor]:
+) -> subprocess.CompletedProcess:
     command = [*args, script, *tiny_overrides(images, output_dir, **{**RECIPE, **overrides})]
     # Accelerate's --cpu launcher starts several processes only through mpirun; torchrun (its
     # --multi_gpu launcher) with ACCELERATE_USE_CPU starts them on gloo without one.
     env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+
+
+def train(args: list[str], output_dir: Path, images: Path, **kwargs) -> dict[str, torch.Tensor]:
+    result = launch(args, output_dir, images, **kwargs)
     assert result.returncode == 0, result.stderr[-3000:]
     return load_file(output_dir / "vae" / "diffusion_pytorch_model.safetensors")
 
@@ -81,12 +89,12 @@ def test_fsdp_trains_both_players_as_ddp_does_and_resumes(image_folder, tmp_path
     gradient accumulation, a sharded run stopped after step 2 and resumed to step 3 ends with DDP's
     weights: no generator gradient reaches the discriminator, the EMA is gathered for export, and the
     checkpoint holds FSDP's gathered state (torch files loaded with weights_only=True)."""
-    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/fsdp.yaml"]
-    script = "tests/sharded_on_cpu.py"
-    train(fsdp, tmp_path / "fsdp", image_folder, script=script, **{**GAME, "train.max_steps": 2})
+    train(FSDP_LAUNCH, tmp_path / "fsdp", image_folder, script=SHARDED_ON_CPU, **{**GAME, "train.max_steps": 2})
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and not (checkpoint / "model.safetensors").exists()
-    sharded = train(fsdp, tmp_path / "fsdp", image_folder, script=script, **GAME, **{"train.resume_from": "latest"})
+    sharded = train(
+        FSDP_LAUNCH, tmp_path / "fsdp", image_folder, script=SHARDED_ON_CPU, **GAME, **{"train.resume_from": "latest"}
+    )
     replicated = train(DDP_LAUNCH, tmp_path / "ddp", image_folder, **GAME)
     assert largest_difference(sharded, replicated) < 1e-6
     ema = {
@@ -100,63 +108,42 @@ def test_deepspeed_zero2_trains_both_players_as_ddp_does_and_resumes(image_folde
     """DeepSpeed ZeRO-2 on gloo, from configs/accelerate/deepspeed_zero2.yaml, one engine per player. The same
     game as the FSDP test, stopped after step 2 and resumed to step 3, ends with DDP's weights; the checkpoint
     holds the gathered weights and Adam state as safetensors, not DeepSpeed's pickled files."""
-    deepspeed = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        "configs/accelerate/deepspeed_zero2.yaml",
-    ]
-    script = "tests/sharded_on_cpu.py"
     # clipped by the engine under ZeRO, by Accelerate under DDP; the warm-up's learning rate carries over the resume
     game = {**GAME, "optim.max_grad_norm": 0.3, "optim.warmup_steps": 3}
-    train(deepspeed, tmp_path / "zero", image_folder, script=script, **{**game, "train.max_steps": 2})
-    checkpoint = tmp_path / "zero" / "checkpoints" / "checkpoint-2"
+    zero = tmp_path / "zero"
+    train(DEEPSPEED_LAUNCH, zero, image_folder, script=SHARDED_ON_CPU, **{**game, "train.max_steps": 2})
+    checkpoint = zero / "checkpoints" / "checkpoint-2"
     saved = {path.name for path in checkpoint.iterdir()}
     assert {"model.safetensors", "model_1.safetensors", "optimizer.safetensors", "optimizer_1.safetensors"} <= saved
     assert not [name for name in saved if name.endswith((".pt", ".bin")) or (checkpoint / name).is_dir()]
     moments = load_file(checkpoint / "optimizer.safetensors")
     assert moments["step"].item() == 2 and "vae.decoder.conv_out.weight.exp_avg_sq" in moments
-    partitioned = train(
-        deepspeed, tmp_path / "zero", image_folder, script=script, **game, **{"train.resume_from": "latest"}
-    )
+    resumed = {**game, "train.resume_from": "latest"}
+    partitioned = train(DEEPSPEED_LAUNCH, zero, image_folder, script=SHARDED_ON_CPU, **resumed)
     replicated = train(DDP_LAUNCH, tmp_path / "ddp", image_folder, **game)
-    # the checkpoint resumes only under DeepSpeed: a DDP launch is refused in one line
-    refused = subprocess.run(
-        [*DDP_LAUNCH, "train_autoencoder.py", *tiny_overrides(image_folder, tmp_path / "zero", **{**RECIPE, **game})]
-        + ["train.resume_from=latest", "train.max_steps=4"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
-    )
-    assert refused.returncode != 0
-    assert "was saved under DeepSpeed ZeRO-2, this run is DDP or one process" in refused.stderr
     assert largest_difference(partitioned, replicated) < 1e-6
     ema = {
         run: load_file(tmp_path / run / "vae_ema" / "diffusion_pytorch_model.safetensors") for run in ("zero", "ddp")
     }
     assert largest_difference(ema["zero"], ema["ddp"]) < 1e-6
+    # the checkpoint resumes only under DeepSpeed: a DDP launch is refused in one line
+    refused = launch(DDP_LAUNCH, zero, image_folder, **{**resumed, "train.max_steps": 4})
+    assert refused.returncode != 0
+    assert "was saved under DeepSpeed ZeRO-2, this run is DDP or one process" in refused.stderr
 
 
 def test_deepspeed_skips_non_finite_updates_then_stops_the_run_saved(image_folder, tmp_path):
     """A learning rate of 1e38 blows the weights up at the first update; every gradient after it is NaN. The
     engines skip those updates, the trainer counts them and stops after `train.max_nonfinite_steps`, saving
     the state it had after step 1."""
-    deepspeed = [
-        *[sys.executable, "-m", "accelerate.commands.launch"],
-        *["--config_file", "configs/accelerate/deepspeed_zero2.yaml"],
-    ]
     blow_up = {"optim.lr": 1e38, "train.max_steps": 10, "train.max_nonfinite_steps": 2, "train.log_every_steps": 1}
-    overrides = tiny_overrides(image_folder, tmp_path, **{**RECIPE, **blow_up, "train.checkpoint_every_steps": 1})
-    result = subprocess.run(
-        [*deepspeed, "tests/sharded_on_cpu.py", *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "ACCELERATE_USE_CPU": "true"},
+    result = launch(
+        DEEPSPEED_LAUNCH,
+        tmp_path,
+        image_folder,
+        script=SHARDED_ON_CPU,
+        **blow_up,
+        **{"train.checkpoint_every_steps": 1},
     )
     assert result.returncode != 0
     assert "2 optimizer steps in a row had non-finite gradients (step 3)" in result.stderr

@@ -49,7 +49,7 @@ def test_what_the_trainer_cannot_honour_is_refused(plugin, overrides, message):
         engine_config(shipped_plugin(**plugin), config.train, config.optim.max_grad_norm, num_processes=2)
 
 
-def test_deepspeed_half_precision_and_its_own_optimizer_are_refused():
+def test_deepspeed_settings_that_would_bypass_the_trainer_are_refused():
     config = load_config(None, [])
     half = shipped_plugin()
     half.deepspeed_config["bf16"] = {"enabled": True}
@@ -59,6 +59,10 @@ def test_deepspeed_half_precision_and_its_own_optimizer_are_refused():
     own_optimizer.deepspeed_config["optimizer"] = {"type": "AdamW"}
     with pytest.raises(ConfigError, match="remove optimizer/scheduler"):
         engine_config(own_optimizer, config.train, None, 1)
+    unmeasured = shipped_plugin()
+    unmeasured.deepspeed_config["zero_optimization"]["compute_grad_norm"] = False
+    with pytest.raises(ConfigError, match="compute_grad_norm=false turns off the skip of non-finite updates"):
+        engine_config(unmeasured, config.train, None, 1)
     unfilled = shipped_plugin()
     unfilled.deepspeed_config["zero_optimization"]["reduce_bucket_size"] = "auto"
     with pytest.raises(ConfigError, match="set a value for zero_optimization.reduce_bucket_size"):

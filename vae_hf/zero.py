@@ -46,6 +46,10 @@ def engine_config(plugin: Any, train: TrainConfig, max_grad_norm: float | None, 
         device = zero.get(part, {}).get("device", "none")
         if device not in (None, "none"):
             raise ConfigError(f"DeepSpeed: {part} to {device} is not supported (set its device to none)")
+    if str(zero.get("compute_grad_norm", True)).lower() == "false":
+        raise ConfigError(
+            "DeepSpeed: zero_optimization.compute_grad_norm=false turns off the skip of non-finite updates; remove it"
+        )
     for precision in ("fp16", "bf16"):
         if str(config.get(precision, {}).get("enabled", False)).lower() == "true":
             raise ConfigError(
