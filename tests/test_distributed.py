@@ -1,4 +1,5 @@
-"""Two processes (DDP, and FSDP2, on gloo, CPU) train the same VAE as one process with the same global batch."""
+"""Two processes on gloo (CPU) train as one: DDP as one process with the same global batch; FSDP2 and
+DeepSpeed ZeRO-2, stopped and resumed, as DDP."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_overrides
+from conftest import ROOT, tiny_overrides, write_images
 
 # eps=1 makes Adam's update about lr * grad for these small gradients, so weights compare gradients
 # linearly: at the default eps, Adam's first update is lr * sign(grad), which would blow float
@@ -22,7 +23,9 @@ RECIPE = {
     "train.max_steps": 2,
 }
 
-# The game the sharded runs play: the discriminator on from the start, the EMA, gradient accumulation.
+# The game the sharded runs play: the discriminator with the adaptive weight on from the start, the EMA,
+# gradient accumulation, clipping (0.3 is below these gradients' norms) and a warm-up whose learning
+# rate must carry over a resume.
 GAME = {
     "loss.disc_weight": 0.5,
     "loss.disc_start_step": 0,
@@ -31,6 +34,8 @@ GAME = {
     "train.batch_size": 1,
     "train.gradient_accumulation_steps": 2,
     "train.max_steps": 3,
+    "optim.max_grad_norm": 0.3,
+    "optim.warmup_steps": 3,
 }
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -83,51 +88,52 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(image_folder
     assert largest_difference(two, half) > 1e-4
 
 
-def test_fsdp_trains_both_players_as_ddp_does_and_resumes(image_folder, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_game(tmp_path_factory):
+    """The images, and the VAE and EMA weights DDP ends the game with: what the sharded runs must end with."""
+    folder = tmp_path_factory.mktemp("ddp_game")
+    write_images(folder / "images", 8)
+    weights = train(DDP_LAUNCH, folder / "ddp", folder / "images", **GAME)
+    return folder / "images", weights, load_file(folder / "ddp" / "vae_ema" / "diffusion_pytorch_model.safetensors")
+
+
+def test_fsdp_trains_both_players_as_ddp_does_and_resumes(ddp_game, tmp_path):
     """FSDP2 (fully_shard) on gloo, from configs/accelerate/fsdp.yaml (tests/sharded_on_cpu.py switches
-    Accelerate's FSDP on for CPU processes). With the discriminator on from the start, the EMA and
-    gradient accumulation, a sharded run stopped after step 2 and resumed to step 3 ends with DDP's
-    weights: no generator gradient reaches the discriminator, the EMA is gathered for export, and the
-    checkpoint holds FSDP's gathered state (torch files loaded with weights_only=True)."""
-    train(FSDP_LAUNCH, tmp_path / "fsdp", image_folder, script=SHARDED_ON_CPU, **{**GAME, "train.max_steps": 2})
-    checkpoint = tmp_path / "fsdp" / "checkpoints" / "checkpoint-2"
+    Accelerate's FSDP on for CPU processes). A sharded run of the game stopped after step 2 and resumed to
+    step 3 ends with DDP's weights: no generator gradient reaches the discriminator, the EMA is gathered for
+    export, and the checkpoint holds FSDP's gathered state (torch files loaded with weights_only=True)."""
+    images, replicated, replicated_ema = ddp_game
+    fsdp = tmp_path / "fsdp"
+    train(FSDP_LAUNCH, fsdp, images, script=SHARDED_ON_CPU, **{**GAME, "train.max_steps": 2})
+    checkpoint = fsdp / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and not (checkpoint / "model.safetensors").exists()
-    sharded = train(
-        FSDP_LAUNCH, tmp_path / "fsdp", image_folder, script=SHARDED_ON_CPU, **GAME, **{"train.resume_from": "latest"}
-    )
-    replicated = train(DDP_LAUNCH, tmp_path / "ddp", image_folder, **GAME)
+    sharded = train(FSDP_LAUNCH, fsdp, images, script=SHARDED_ON_CPU, **GAME, **{"train.resume_from": "latest"})
     assert largest_difference(sharded, replicated) < 1e-6
-    ema = {
-        run: load_file(tmp_path / run / "vae_ema" / "diffusion_pytorch_model.safetensors") for run in ("fsdp", "ddp")
-    }
-    assert largest_difference(ema["fsdp"], ema["ddp"]) < 1e-6
-    assert largest_difference(sharded, ema["fsdp"]) > 1e-6  # the EMA export is the average, not the weights
+    ema = load_file(fsdp / "vae_ema" / "diffusion_pytorch_model.safetensors")
+    assert largest_difference(ema, replicated_ema) < 1e-6
+    assert largest_difference(sharded, ema) > 1e-6  # the EMA export is the average, not the weights
 
 
-def test_deepspeed_zero2_trains_both_players_as_ddp_does_and_resumes(image_folder, tmp_path):
-    """DeepSpeed ZeRO-2 on gloo, from configs/accelerate/deepspeed_zero2.yaml, one engine per player. The same
-    game as the FSDP test, stopped after step 2 and resumed to step 3, ends with DDP's weights; the checkpoint
-    holds the gathered weights and Adam state as safetensors, not DeepSpeed's pickled files."""
-    # clipped by the engine under ZeRO, by Accelerate under DDP; the warm-up's learning rate carries over the resume
-    game = {**GAME, "optim.max_grad_norm": 0.3, "optim.warmup_steps": 3}
+def test_deepspeed_zero2_trains_both_players_as_ddp_does_and_resumes(ddp_game, tmp_path):
+    """DeepSpeed ZeRO-2 on gloo, from configs/accelerate/deepspeed_zero2.yaml, one engine per player: as the
+    FSDP test. The engine clips where Accelerate does under DDP, and the checkpoint holds the gathered weights
+    and Adam state as safetensors, not DeepSpeed's pickled files."""
+    images, replicated, replicated_ema = ddp_game
     zero = tmp_path / "zero"
-    train(DEEPSPEED_LAUNCH, zero, image_folder, script=SHARDED_ON_CPU, **{**game, "train.max_steps": 2})
+    train(DEEPSPEED_LAUNCH, zero, images, script=SHARDED_ON_CPU, **{**GAME, "train.max_steps": 2})
     checkpoint = zero / "checkpoints" / "checkpoint-2"
     saved = {path.name for path in checkpoint.iterdir()}
     assert {"model.safetensors", "model_1.safetensors", "optimizer.safetensors", "optimizer_1.safetensors"} <= saved
     assert not [name for name in saved if name.endswith((".pt", ".bin")) or (checkpoint / name).is_dir()]
     moments = load_file(checkpoint / "optimizer.safetensors")
     assert moments["step"].item() == 2 and "vae.decoder.conv_out.weight.exp_avg_sq" in moments
-    resumed = {**game, "train.resume_from": "latest"}
-    partitioned = train(DEEPSPEED_LAUNCH, zero, image_folder, script=SHARDED_ON_CPU, **resumed)
-    replicated = train(DDP_LAUNCH, tmp_path / "ddp", image_folder, **game)
+    resumed = {**GAME, "train.resume_from": "latest"}
+    partitioned = train(DEEPSPEED_LAUNCH, zero, images, script=SHARDED_ON_CPU, **resumed)
     assert largest_difference(partitioned, replicated) < 1e-6
-    ema = {
-        run: load_file(tmp_path / run / "vae_ema" / "diffusion_pytorch_model.safetensors") for run in ("zero", "ddp")
-    }
-    assert largest_difference(ema["zero"], ema["ddp"]) < 1e-6
+    ema = load_file(zero / "vae_ema" / "diffusion_pytorch_model.safetensors")
+    assert largest_difference(ema, replicated_ema) < 1e-6
     # the checkpoint resumes only under DeepSpeed: a DDP launch is refused in one line
-    refused = launch(DDP_LAUNCH, zero, image_folder, **{**resumed, "train.max_steps": 4})
+    refused = launch(DDP_LAUNCH, zero, images, **{**resumed, "train.max_steps": 4})
     assert refused.returncode != 0
     assert "was saved under DeepSpeed ZeRO-2, this run is DDP or one process" in refused.stderr
 
