@@ -2,14 +2,17 @@
 the trainer cannot honour is refused in one line before any model is built. (Training under ZeRO-2 is tested
 in test_distributed.py.)"""
 
+import importlib.util
+
 import pytest
 import yaml
 from accelerate.utils import DeepSpeedPlugin
 
 from vae_hf.config import ConfigError, load_config
+from vae_hf.trainer import Trainer
 from vae_hf.zero import engine_config
 
-from conftest import ROOT
+from conftest import ROOT, tiny_overrides, write_images
 
 
 def shipped_plugin(**changes) -> DeepSpeedPlugin:
@@ -67,3 +70,17 @@ def test_deepspeed_settings_that_would_bypass_the_trainer_are_refused():
     unfilled.deepspeed_config["zero_optimization"]["reduce_bucket_size"] = "auto"
     with pytest.raises(ConfigError, match="set a value for zero_optimization.reduce_bucket_size"):
         engine_config(unfilled, config.train, None, 1)
+
+
+def test_a_deepspeed_launch_without_the_package_is_one_line(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "deepspeed" else real_find_spec(name, *args)
+
+    write_images(tmp_path / "images", 4)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    config = load_config(None, tiny_overrides(tmp_path / "images", tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"needs the deepspeed package: pip install 'vae-hf\[deepspeed\]'"):
+        Trainer(config)

@@ -42,7 +42,7 @@ from vae_hf.progress import TrainProgress
 from vae_hf.resumable import CheckpointingMixin, TrainingDiverged  # noqa: F401 (re-exported)
 from vae_hf.signals import StopRequest
 from vae_hf.validation import Validator
-from vae_hf.zero import ZeroPlayer, engine_config, initialize_engine
+from vae_hf.zero import ZeroPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
     def _build_accelerator(self) -> Accelerator:
         config = self.config
         report_to = {"none": None, "all": "all"}.get(config.train.report_to, config.train.report_to)
+        require_deepspeed_if_launched()
         # Precision is ours (autocast + one GradScaler per player), so Accelerate runs in "no" mode.
         accelerator = Accelerator(
             gradient_accumulation_steps=config.train.gradient_accumulation_steps,

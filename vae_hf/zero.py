@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,15 @@ from vae_hf.optimization import Player
 
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 SUPPORTED_STAGE = 2
+
+
+def require_deepspeed_if_launched() -> None:
+    """`accelerate launch` with a DeepSpeed config, but no deepspeed package: one line, not Accelerate's traceback."""
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if launched and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "accelerate launch: the DeepSpeed config needs the deepspeed package: pip install 'vae-hf[deepspeed]'"
+        )
 
 
 def engine_config(plugin: Any, train: TrainConfig, max_grad_norm: float | None, num_processes: int) -> dict:
