@@ -1,6 +1,7 @@
 """Images from any PIL mode become [-1, 1] RGB crops; unreadable files are skipped and counted."""
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ from vae_hf.config import DataConfig
 from vae_hf.data import (
     DataError,
     ExampleProcessor,
+    ImageDataset,
     ImageTransform,
     collate,
     decode_image,
     reference_images,
+    to_model_range,
     to_rgb,
     training_dataset,
 )
@@ -110,7 +113,11 @@ def test_a_local_folder_loads_through_the_imagefolder_builder(image_folder):
     dataset = training_dataset(config, seed=0)
     assert len(dataset) == 8
     example = dataset[0]["pixel_values"]
-    assert example.shape == (3, 16, 16) and -1 <= example.min() and example.max() <= 1
+    assert example.shape == (3, 16, 16) and example.dtype == torch.uint8  # scaled on the device
+    # the same sample (crop, flip) transformed straight to floats
+    floats = ImageDataset(dataset.dataset, config.image_column, replace(dataset.transform, uint8=False), seed=0)
+    full = floats[0]["pixel_values"]
+    assert torch.equal(to_model_range(example), full) and -1 <= full.min() and full.max() <= 1
 
 
 def test_reference_images_come_from_the_chosen_indices(image_folder):

@@ -6,6 +6,7 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from vae_hf.config import load_config
+from vae_hf.data import to_model_range
 from vae_hf.ema import EMA
 from vae_hf.trainer import Trainer
 
@@ -87,7 +88,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(image_folder, tmp_path)
             **{"train.gradient_checkpointing": flag, "loss.disc_weight": 0, "model.sample_posterior": "false"},
         )
         assert trainer.vae.is_gradient_checkpointing == (flag == "true")
-        images = next(iter(trainer.dataloader))["pixel_values"]
+        images = to_model_range(next(iter(trainer.dataloader))["pixel_values"])
         reconstructions, posterior = trainer.vae_player.model(images)
         g_loss, _ = trainer.generator_loss(images, reconstructions, posterior, disc_active=False)
         g_loss.backward()

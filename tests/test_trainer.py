@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vae_hf.config import load_config
+from vae_hf.data import to_model_range
 from vae_hf.trainer import Trainer
 
 from conftest import tiny_overrides
@@ -51,7 +52,7 @@ def assert_same_gradients(actual: list[torch.Tensor], expected: list[torch.Tenso
 
 
 def first_images(trainer: Trainer) -> torch.Tensor:
-    return next(iter(trainer.dataloader))["pixel_values"]
+    return to_model_range(next(iter(trainer.dataloader))["pixel_values"])
 
 
 def count_calls(module: torch.nn.Module) -> list[int]:

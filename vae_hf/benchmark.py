@@ -186,7 +186,7 @@ def _time_interleaved(trainer: Trainer, warmup: int, disc_on: bool) -> tuple[dic
     machine's slow minutes weigh on both sides alike. The bare step's optimizers (lr 1e-9) clear the
     gradients they accumulate, so the trainer's next step starts as it would have."""
     device = trainer.accelerator.device
-    bare = _bare_step(trainer, next(iter(trainer.dataloader))["pixel_values"].to(device), disc_on)
+    bare = _bare_step(trainer, _first_batch(trainer), disc_on)
     trainer_durations: list[float] = []
     bare_durations: list[float] = []
     resumed: list[float] = []
@@ -252,12 +252,16 @@ def loader_section(config: Config, batches: int) -> dict[str, float]:
     return _time_loader(loader, batches, config.data.num_workers)
 
 
+def _first_batch(trainer: Trainer) -> torch.Tensor:
+    """The training loader's first images on the device, in the model's range."""
+    return vae_data.to_model_range(next(iter(trainer.dataloader))["pixel_values"].to(trainer.accelerator.device))
+
+
 def _flops(trainer: Trainer) -> float:
     """FLOPs of one bare step with the discriminator on (PyTorch's counter: matmuls and convolutions)."""
-    images = next(iter(trainer.dataloader))["pixel_values"].to(trainer.accelerator.device)
     counter = FlopCounterMode(display=False)
     with counter:
-        _bare_step(trainer, images, disc_on=trainer.discriminator is not None)()
+        _bare_step(trainer, _first_batch(trainer), disc_on=trainer.discriminator is not None)()
     return float(counter.get_total_flops())
 
 

@@ -118,14 +118,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) as the float images the VAE takes, in [-1, 1]."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
 @dataclass
 class ImageTransform:
-    """Resize the short side to `resolution`, crop a square, maybe flip, scale to [-1, 1]."""
+    """Resize the short side to `resolution`, crop a square, maybe flip, scale to [-1, 1].
+
+    With `uint8`, the pixels stay 0..255 bytes and `to_model_range` scales them where they are used: the
+    training loader's workers then pass a quarter of the bytes to the training process, which copies a
+    quarter to the GPU.
+    """
 
     resolution: int
     center_crop: bool = True
     random_flip: bool = False
     draft_jpeg: bool = False  # decode JPEGs at a reduced scale still >= resolution (see decode_image)
+    uint8: bool = False
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -136,10 +147,10 @@ class ImageTransform:
             top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
             left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
             image = TF.crop(image, top, left, self.resolution, self.resolution)
-        pixels = TF.pil_to_tensor(image).float().div(127.5).sub(1.0)  # (3, R, R) in [-1, 1]
+        pixels = TF.pil_to_tensor(image)  # (3, R, R) uint8
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             pixels = pixels.flip(-1)
-        return pixels
+        return pixels if self.uint8 else to_model_range(pixels)
 
 
 def sample_seed(*parts: int) -> int:
@@ -228,11 +239,14 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def training_dataset(
     config: DataConfig, seed: int, rank: int = 0, world_size: int = 1
 ) -> ImageDataset | IterableDataset:
-    """The training split, transformed lazily; streaming data is shuffled in a buffer and split by rank."""
+    """The training split, transformed lazily to uint8 pixels (`to_model_range` scales them on the device);
+    streaming data is shuffled in a buffer and split by rank."""
     dataset = load_image_dataset(config)
     if config.validation_split is None and config.validation_fraction > 0:
         dataset = _held_out(dataset, config, seed)["train"]
-    transform = ImageTransform(config.resolution, config.center_crop, config.random_flip, config.fast_jpeg_decode)
+    transform = ImageTransform(
+        config.resolution, config.center_crop, config.random_flip, config.fast_jpeg_decode, uint8=True
+    )
     if isinstance(dataset, IterableDataset):
         from datasets.distributed import split_dataset_by_node
 

@@ -408,6 +408,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
                 continue
             usable += 1
             images = images.to(self.accelerator.device, non_blocking=True, memory_format=self.memory_format)
+            images = vae_data.to_model_range(images)  # uint8 from the loader: scaled on the device
             with self.accelerator.accumulate(self.vae_player.model, *self._disc_models()):
                 breakdown = self.training_step(images)
             self.progress.micro_step += 1
