@@ -65,9 +65,8 @@ def test_the_bare_step_is_a_whole_optimizer_step_of_accumulated_micro_batches(im
     """With accumulation the bare loop's "step" runs every micro-batch and updates once, like the trainer's."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from vae_hf.benchmark import _bare_step
+    from vae_hf.benchmark import _bare_step, _first_batch
     from vae_hf.config import load_config
-    from vae_hf.data import to_model_range
     from vae_hf.trainer import Trainer
 
     overrides = tiny_overrides(image_folder, tmp_path / "run", **{"train.gradient_accumulation_steps": 3})
@@ -78,7 +77,7 @@ def test_the_bare_step_is_a_whole_optimizer_step_of_accumulated_micro_batches(im
         lambda *_: calls.__setitem__("discriminator", calls["discriminator"] + 1)
     )
     updates = []
-    step = _bare_step(trainer, to_model_range(next(iter(trainer.dataloader))["pixel_values"]), disc_on=True)
+    step = _bare_step(trainer, _first_batch(trainer), disc_on=True)
     hook = register_optimizer_step_post_hook(lambda optimizer, *_: updates.append(optimizer))
     try:
         step()

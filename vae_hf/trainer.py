@@ -204,7 +204,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
         if self.zero_config is not None:  # the engine partitions `optimizer`, which the schedule still drives
             engine = initialize_engine(model, optimizer, self.zero_config)
             scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
-            return ZeroPlayer(engine, model, optimizer, scheduler, None, config.optim.max_grad_norm)
+            return ZeroPlayer(engine, model, optimizer, scheduler)  # the engine clips and has no GradScaler
         self._fsdp_units_for(model)
         prepared, optimizer = self.accelerator.prepare(model, optimizer)
         scaler = torch.amp.GradScaler(self.accelerator.device.type) if config.train.mixed_precision == "fp16" else None

@@ -154,8 +154,9 @@ class ZeroPlayer(Player):
 
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(weights, Adam state) as full tensors named by parameter. Every process must call this: each holds a
-        slice of the moments, and one all-reduce per moment assembles them."""
-        weights = {name: value.detach().cpu().contiguous() for name, value in self.module.state_dict().items()}
+        slice of the moments, and one all-reduce per moment assembles them. The weights stay where they are: the
+        checkpointer copies them to the host on the process that writes them."""
+        weights = self.module.state_dict()
         states = self.optimizer.state
         if not states:  # not stepped yet: Adam creates its moments at the first update
             return weights, {}
