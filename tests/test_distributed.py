@@ -82,10 +82,13 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 def test_two_processes_equal_one_process_with_the_same_global_batch(image_folder, tmp_path):
     two = train(DDP_LAUNCH, tmp_path / "two", image_folder, **{"train.batch_size": 2})
     one = train([sys.executable], tmp_path / "one", image_folder, **{"train.batch_size": 4})
-    assert largest_difference(two, one) < 1e-5
+    # Float32 rounding, not the trainer: the CPU's convolution kernels sum a batch of 2 and a batch of 4 in
+    # different orders (oneDNN picks them by CPU and shape). Measured: 4.5e-6 on an AVX-512/AMX Xeon, less on
+    # AMD EPYC. 5e-5 leaves a 10x margin and is still 30x below the control's difference below.
+    assert largest_difference(two, one) < 5e-5
     # and the comparison can tell: one process on half that batch trains measurably different weights
     half = train([sys.executable], tmp_path / "half", image_folder, **{"train.batch_size": 2})
-    assert largest_difference(two, half) > 1e-4
+    assert largest_difference(two, half) > 1e-3  # measured: 1.4e-3
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,7 @@ def test_fsdp_trains_both_players_as_ddp_does_and_resumes(ddp_game, tmp_path):
     checkpoint = fsdp / "checkpoints" / "checkpoint-2"
     assert (checkpoint / "pytorch_model_fsdp.bin").is_file() and not (checkpoint / "model.safetensors").exists()
     sharded = train(FSDP_LAUNCH, fsdp, images, script=SHARDED_ON_CPU, **GAME, **{"train.resume_from": "latest"})
-    assert largest_difference(sharded, replicated) < 1e-6
+    assert largest_difference(sharded, replicated) < 1e-6  # the same kernels as DDP; measured: 7e-9
     ema = load_file(fsdp / "vae_ema" / "diffusion_pytorch_model.safetensors")
     assert largest_difference(ema, replicated_ema) < 1e-6
     assert largest_difference(sharded, ema) > 1e-6  # the EMA export is the average, not the weights
@@ -129,7 +132,7 @@ def test_deepspeed_zero2_trains_both_players_as_ddp_does_and_resumes(ddp_game, t
     assert moments["step"].item() == 2 and "vae.decoder.conv_out.weight.exp_avg_sq" in moments
     resumed = {**GAME, "train.resume_from": "latest"}
     partitioned = train(DEEPSPEED_LAUNCH, zero, images, script=SHARDED_ON_CPU, **resumed)
-    assert largest_difference(partitioned, replicated) < 1e-6
+    assert largest_difference(partitioned, replicated) < 1e-6  # the same kernels as DDP; measured: 1.2e-7
     ema = load_file(zero / "vae_ema" / "diffusion_pytorch_model.safetensors")
     assert largest_difference(ema, replicated_ema) < 1e-6
     # the checkpoint resumes only under DeepSpeed: a DDP launch is refused in one line

@@ -43,12 +43,52 @@ def applied_gradients(monkeypatch) -> list[list[torch.Tensor]]:
     return applied
 
 
-def assert_same_gradients(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+def assert_same_gradients(
+    actual: list[torch.Tensor], expected: list[torch.Tensor], rtol: float = 1e-4, atol: float = 1e-5
+) -> None:
     """Equal up to float summation order, relative to the largest gradient (which must be non-zero)."""
     scale = max(g.abs().max().item() for g in expected)
     assert scale > 0
     for grad_actual, grad_expected in zip(actual, expected, strict=True):
-        torch.testing.assert_close(grad_actual, grad_expected, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(grad_actual, grad_expected, rtol=rtol, atol=atol * scale)
+
+
+# In float64, summing the same terms in another order (another batch split, memory layout or fused kernel)
+# changes a gradient by about n * 1e-16 of the terms' magnitude; the tiny VAE's largest reductions have
+# n < 1e5 terms, and cancellation between them costs at most a few more digits (measured on an AVX-512/AMX
+# Xeon: at most 3.4e-13 of the largest gradient). 1e-9 leaves that noise over three orders of magnitude of
+# room, while a real change of the computation (a missing 1/accumulation factor, a transposed layout, another
+# step) moves gradients by far more: the controls below show each of these failing.
+FLOAT64_RTOL, FLOAT64_ATOL = 1e-7, 1e-9
+
+
+def assert_same_float64_gradients(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert all(g.dtype == torch.float64 for g in [*actual, *expected])
+    assert_same_gradients(actual, expected, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+
+
+@pytest.fixture
+def in_float64(monkeypatch):
+    """Turns a built trainer's models and input pixels to float64.
+
+    These tests compare two ways of computing the same gradients. In float32, the CPU's convolution
+    kernels (oneDNN picks them by CPU, batch size and memory layout) sum in orders that differ by up to
+    ~1e-5 of the largest gradient on some machines (AVX-512/AMX Xeons), so a float32 comparison measures
+    the CPU. Float64 goes through PyTorch's own kernels, and its rounding is 1e9 times smaller.
+    """
+    from vae_hf import data as vae_data
+
+    to_model_range = vae_data.to_model_range
+    monkeypatch.setattr(vae_data, "to_model_range", lambda pixels: to_model_range(pixels).double())
+
+    def convert(trainer: Trainer) -> Trainer:
+        for module in (trainer.vae, trainer.lpips, trainer.discriminator):
+            if module is not None:
+                module.double()  # in place: the optimizers keep the same parameters
+        trainer.reference_images = trainer.reference_images.double()
+        return trainer
+
+    return convert
 
 
 def first_images(trainer: Trainer) -> torch.Tensor:
@@ -151,23 +191,39 @@ def test_adaptive_weight_is_computed_only_when_the_discriminator_is_on(image_fol
     assert len(weights) == 1 and weights[0] > 0
 
 
-def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, applied_gradients):
+def accumulated_and_large_batch_gradients(image_folder, tmp_path, applied, in_float64):
+    """The gradients of one step of 4 micro-batches of 1, and of one step of 1 batch of 4, in float64."""
+    common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
+    for name, batch, accumulation in (("a", 1, 4), ("b", 4, 1)):
+        overrides = {"train.batch_size": batch, "train.gradient_accumulation_steps": accumulation}
+        in_float64(build(image_folder, tmp_path / name, **common, **overrides)).train()
+    accumulated, large = applied
+    return accumulated, large
+
+
+def test_gradient_accumulation_equals_one_large_batch(image_folder, tmp_path, applied_gradients, in_float64):
     """The gradient a step applies is the same for 4 micro-batches of 1 as for 1 batch of 4.
 
     (Weights after Adam are not compared: its first update is about lr * sign(grad), which turns
     float-rounding noise in gradients that are really zero into differences of 2 * lr, and every
     later gradient inherits them.)
     """
-    applied = applied_gradients
-    common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
-    build(
-        image_folder, tmp_path / "a", **common, **{"train.batch_size": 1, "train.gradient_accumulation_steps": 4}
-    ).train()
-    build(
-        image_folder, tmp_path / "b", **common, **{"train.batch_size": 4, "train.gradient_accumulation_steps": 1}
-    ).train()
-    accumulated, large = applied
-    assert_same_gradients(accumulated, large)
+    accumulated, large = accumulated_and_large_batch_gradients(image_folder, tmp_path, applied_gradients, in_float64)
+    assert_same_float64_gradients(accumulated, large)
+
+
+def test_gradient_accumulation_check_fails_without_the_division(
+    image_folder, tmp_path, applied_gradients, in_float64, monkeypatch
+):
+    """Control: if each micro-batch's loss were not divided by the accumulation steps, the comparison above
+    would fail (the accumulated gradient is then 4 times too large)."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kwargs: loss.backward(**kwargs))
+    accumulated, large = accumulated_and_large_batch_gradients(image_folder, tmp_path, applied_gradients, in_float64)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_float64_gradients(accumulated, large)
+    assert_same_float64_gradients([g / 4 for g in accumulated], large)  # and it is exactly that factor
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -285,18 +341,55 @@ def test_no_host_sync_inside_the_steps_between_log_steps(image_folder, tmp_path,
     assert host_reads == []
 
 
-def test_channels_last_trains_the_same_way(image_folder, tmp_path, applied_gradients):
-    """NHWC memory order is a layout change only: the first step's gradients match NCHW's."""
-    applied = applied_gradients
+def nchw_and_nhwc_gradients(image_folder, tmp_path, applied, in_float64) -> tuple[list, list, Trainer]:
     common = {"loss.disc_weight": 0, "model.sample_posterior": "false", "train.max_steps": 1}
     trainers = {}
     for flag in ("false", "true"):
-        trainers[flag] = build(image_folder, tmp_path / flag, **common, **{"train.channels_last": flag})
+        trainers[flag] = in_float64(build(image_folder, tmp_path / flag, **common, **{"train.channels_last": flag}))
         trainers[flag].train()
-    conv = trainers["true"].vae.decoder.conv_out.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     nchw, nhwc = applied
-    assert_same_gradients(nhwc, nchw)
+    return nchw, nhwc, trainers["true"]
+
+
+def test_channels_last_trains_the_same_way(image_folder, tmp_path, applied_gradients, in_float64):
+    """NHWC memory order is a layout change only: the first step's gradients match NCHW's."""
+    nchw, nhwc, trainer = nchw_and_nhwc_gradients(image_folder, tmp_path, applied_gradients, in_float64)
+    conv = trainer.vae.decoder.conv_out.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert_same_float64_gradients(nhwc, nchw)
+
+
+def test_channels_last_check_fails_when_the_layout_swaps_axes(
+    image_folder, tmp_path, applied_gradients, in_float64, monkeypatch
+):
+    """Control: a layout bug that reads the images with height and width swapped fails the comparison above."""
+    from vae_hf import data as vae_data
+
+    to_model_range = vae_data.to_model_range
+    nhwc_run = [False]
+
+    def swapped_in_the_nhwc_run(pixels):
+        images = to_model_range(pixels)
+        return images.transpose(-1, -2) if nhwc_run[0] else images
+
+    monkeypatch.setattr(vae_data, "to_model_range", swapped_in_the_nhwc_run)
+    monkeypatch.setattr(Trainer, "train", _flagging_train(Trainer.train, nhwc_run))
+    nchw, nhwc, _ = nchw_and_nhwc_gradients(image_folder, tmp_path, applied_gradients, in_float64)
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_float64_gradients(nhwc, nchw)
+
+
+def _flagging_train(train, flag: list[bool]):
+    """Trainer.train that sets flag[0] while a channels-last trainer trains."""
+
+    def flagged(trainer: Trainer):
+        flag[0] = trainer.config.train.channels_last
+        try:
+            return train(trainer)
+        finally:
+            flag[0] = False
+
+    return flagged
 
 
 def test_tf32_switch_sets_the_backends(image_folder, tmp_path):
@@ -310,12 +403,13 @@ def test_tf32_switch_sets_the_backends(image_folder, tmp_path):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def compiled_and_eager_gradients(image_folder, tmp_path, applied, backend: str, **overrides):
-    """The gradients of the same few steps, eager then compiled, and dynamo's counters for the compiled run."""
+def compiled_and_eager_gradients(image_folder, tmp_path, applied, in_float64, backend: str, **overrides):
+    """The gradients of the same few steps in float64, eager then compiled, and dynamo's counters for the
+    compiled run."""
     from torch._dynamo.utils import counters
 
     common = {"model.sample_posterior": "false", **overrides}
-    build(image_folder, tmp_path / "eager", **common).train()
+    in_float64(build(image_folder, tmp_path / "eager", **common)).train()
     eager = list(applied)
     applied.clear()
     torch._dynamo.reset()
@@ -323,19 +417,27 @@ def compiled_and_eager_gradients(image_folder, tmp_path, applied, backend: str, 
     trainer = build(
         image_folder, tmp_path / backend, **common, **{"train.compile": "true", "train.compile_backend": backend}
     )
-    trainer.train()
+    in_float64(trainer).train()
     return trainer, eager, list(applied), {name: dict(values) for name, values in counters.items()}
 
 
-def test_compiled_training_takes_the_same_steps(image_folder, tmp_path, applied_gradients):
+def test_compiled_training_takes_the_same_steps(image_folder, tmp_path, applied_gradients, in_float64):
     """train.compile traces the encoder, decoder, LPIPS and discriminator whole (no graph break) and
     changes nothing but speed: the same gradients, step after step, for both players."""
     trainer, eager, compiled, counts = compiled_and_eager_gradients(
-        image_folder, tmp_path, applied_gradients, "aot_eager", **{"loss.disc_start_step": 0, "train.max_steps": 3}
+        image_folder,
+        tmp_path,
+        applied_gradients,
+        in_float64,
+        "aot_eager",
+        **{"loss.disc_start_step": 0, "train.max_steps": 3},
     )
     assert len(compiled) == len(eager) == 6  # VAE and discriminator, 3 steps
     for actual, expected in zip(compiled, eager, strict=True):
-        assert_same_gradients(actual, expected)
+        assert_same_float64_gradients(actual, expected)
+    # Control: the comparison tells steps apart (each step's gradients differ from the next one's).
+    with pytest.raises(AssertionError, match="not close"):
+        assert_same_float64_gradients(compiled[2], eager[0])  # the VAE's step 2 against its step 1
     assert counts["stats"]["unique_graphs"] >= 4 and not counts.get("graph_break")
     for module in (trainer.vae.encoder, trainer.vae.decoder, trainer.lpips, trainer.discriminator):
         assert module._compiled_call_impl is not None
@@ -343,18 +445,23 @@ def test_compiled_training_takes_the_same_steps(image_folder, tmp_path, applied_
     assert b"_orig_mod" not in exported[:100_000]  # parameter names as in eager mode
 
 
-def test_inductor_compiled_vae_trains_like_eager(image_folder, tmp_path, applied_gradients):
+def test_inductor_compiled_vae_trains_like_eager(image_folder, tmp_path, applied_gradients, in_float64):
     """The real backend (generated C++ kernels on the CPU): the VAE's first steps match eager mode's
     up to the float reordering of fused kernels."""
     _, eager, compiled, counts = compiled_and_eager_gradients(
-        image_folder, tmp_path, applied_gradients, "inductor", **{"loss.disc_weight": 0, "loss.perceptual_weight": 0}
+        image_folder,
+        tmp_path,
+        applied_gradients,
+        in_float64,
+        "inductor",
+        **{"loss.disc_weight": 0, "loss.perceptual_weight": 0},
     )
     assert counts["stats"]["unique_graphs"] >= 2 and not counts.get("graph_break")
     assert len(compiled) == len(eager) == 2
     for actual, expected in zip(compiled, eager, strict=True):
-        scale = max(g.abs().max().item() for g in expected)
-        for grad_actual, grad_expected in zip(actual, expected, strict=True):
-            torch.testing.assert_close(grad_actual, grad_expected, rtol=1e-3, atol=1e-4 * scale)
+        assert_same_float64_gradients(actual, expected)
+    with pytest.raises(AssertionError, match="not close"):  # control: step 2's gradients are not step 1's
+        assert_same_float64_gradients(compiled[1], eager[0])
 
 
 def epoch_batches(trainer: Trainer, epochs: int) -> list[torch.Tensor]:

@@ -11,12 +11,17 @@ import torch
 import torch.nn.functional as F
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations (autocast) are reduced in fp32; fp32 and fp64 stay as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     """Mean pixel loss: MSE (the seed's ``nn.MSELoss``) or L1 (LDM's ``|x - x_rec|``)."""
     if kind == "l2":
-        return F.mse_loss(reconstructions.float(), images.float())
+        return F.mse_loss(at_least_fp32(reconstructions), at_least_fp32(images))
     if kind == "l1":
-        return F.l1_loss(reconstructions.float(), images.float())
+        return F.l1_loss(at_least_fp32(reconstructions), at_least_fp32(images))
     raise ValueError(f"unknown reconstruction loss {kind!r}")
 
 
@@ -27,7 +32,7 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
     latent elements and averages over the batch (LDM's ``DiagonalGaussianDistribution.kl``), which is
     why LDM's KL weights (1e-6) are far smaller per element than the seed's (5e-6 of a mean).
     """
-    mean, logvar = mean.float(), logvar.float()
+    mean, logvar = at_least_fp32(mean), at_least_fp32(logvar)
     per_element = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())
     if reduction == "mean":
         return per_element.mean()
@@ -38,7 +43,7 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
 
 def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
     """The VAE's adversarial term: make the discriminator call reconstructions real."""
-    logits_fake = logits_fake.float()
+    logits_fake = at_least_fp32(logits_fake)
     if kind == "lsgan":  # least squares towards the "real" target 1 (Mao et al. 2017; the seed)
         return F.mse_loss(logits_fake, torch.ones_like(logits_fake))
     if kind == "hinge":  # LDM/taming: -E[D(x_rec)]
@@ -50,7 +55,7 @@ def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Te
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
     """The discriminator's loss, the mean of its real and fake halves (the seed and LDM both halve)."""
-    logits_real, logits_fake = logits_real.float(), logits_fake.float()
+    logits_real, logits_fake = at_least_fp32(logits_real), at_least_fp32(logits_fake)
     if kind == "lsgan":
         real = F.mse_loss(logits_real, torch.ones_like(logits_real))
         fake = F.mse_loss(logits_fake, torch.zeros_like(logits_fake))
@@ -79,5 +84,5 @@ def adaptive_disc_weight(
     """
     nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
     g_grads = torch.autograd.grad(g_adv_loss, last_layer, retain_graph=True)[0]
-    weight = nll_grads.float().norm() / (g_grads.float().norm() + 1e-4)
+    weight = at_least_fp32(nll_grads).norm() / (at_least_fp32(g_grads).norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()

@@ -28,6 +28,7 @@ from vae_hf.ema import EMA
 from vae_hf.hub import require_push_access
 from vae_hf.losses import (
     adaptive_disc_weight,
+    at_least_fp32,
     discriminator_loss,
     generator_adversarial_loss,
     kl_loss,
@@ -299,7 +300,7 @@ class Trainer(CheckpointingMixin, OutputsMixin):
         zero = images.new_zeros((), dtype=torch.float32)
         rec = reconstruction_loss(reconstructions, images, loss_config.reconstruction)
         kl = kl_loss(posterior.mean, posterior.logvar, loss_config.kl_reduction)
-        perceptual = perceptual_loss(self.lpips, reconstructions, images).float() if self.lpips is not None else zero
+        perceptual = at_least_fp32(perceptual_loss(self.lpips, reconstructions, images)) if self.lpips is not None else zero
         nll = loss_config.reconstruction_weight * rec + loss_config.perceptual_weight * perceptual
         g_loss = nll + loss_config.kl_weight * kl
         g_adv, disc_weight = zero, zero
