@@ -13,7 +13,8 @@ from PIL import Image
 
 from vae_hf.config import load_config
 from vae_hf.data import DataError
-from vae_hf.trainer import Trainer, TrainingDiverged
+from vae_hf.train.checkpoint import TrainingDiverged
+from vae_hf.train.trainer import Trainer
 
 from conftest import ROOT, tiny_overrides, write_images
 

@@ -29,10 +29,10 @@ def test_bench_writes_its_report(tmp_path):
 def test_bench_memory_section_reports_every_batch_and_the_largest_that_fits(tmp_path):
     """Without a GPU the memory section is the fake-tensor estimate of the configured step (EMA shadow
     included); the largest batch is the last whose estimate fits the budget."""
-    from vae_hf.benchmark import markdown, memory_section
     from vae_hf.config import load_config
-    from vae_hf.memory import GIB, StepOptions, estimate_step_memory
-    from vae_hf.model import build_vae
+    from vae_hf.models.vae import build_vae
+    from vae_hf.perf.benchmark import markdown, memory_section
+    from vae_hf.perf.memory import GIB, StepOptions, estimate_step_memory
 
     config = load_config(None, tiny_overrides(tmp_path / "unused", tmp_path / "out", **{"train.ema_decay": 0.99}))
     memory = memory_section(config, torch.device("cpu"), budget_gb=0.25)
@@ -65,9 +65,9 @@ def test_the_bare_step_is_a_whole_optimizer_step_of_accumulated_micro_batches(im
     """With accumulation the bare loop's "step" runs every micro-batch and updates once, like the trainer's."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from vae_hf.benchmark import _bare_step, _first_batch
     from vae_hf.config import load_config
-    from vae_hf.trainer import Trainer
+    from vae_hf.perf.benchmark import _first_batch, _floor_optimizer_step
+    from vae_hf.train.trainer import Trainer
 
     overrides = tiny_overrides(image_folder, tmp_path / "run", **{"train.gradient_accumulation_steps": 3})
     trainer = Trainer(load_config(None, overrides))
@@ -77,7 +77,7 @@ def test_the_bare_step_is_a_whole_optimizer_step_of_accumulated_micro_batches(im
         lambda *_: calls.__setitem__("discriminator", calls["discriminator"] + 1)
     )
     updates = []
-    step = _bare_step(trainer, _first_batch(trainer), disc_on=True)
+    step = _floor_optimizer_step(trainer, _first_batch(trainer), disc_on=True)
     hook = register_optimizer_step_post_hook(lambda optimizer, *_: updates.append(optimizer))
     try:
         step()
@@ -89,7 +89,7 @@ def test_the_bare_step_is_a_whole_optimizer_step_of_accumulated_micro_batches(im
 
 
 def test_bench_times_the_loader_alone_without_building_a_model(image_folder, tmp_path, monkeypatch):
-    import vae_hf.benchmark as benchmark
+    import vae_hf.perf.benchmark as benchmark
     from vae_hf.config import load_config
 
     monkeypatch.setattr(benchmark, "Trainer", None)  # nothing of the training side may be built

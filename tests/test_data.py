@@ -9,18 +9,16 @@ import torch
 from PIL import Image
 
 from vae_hf.config import DataConfig
-from vae_hf.data import (
+from vae_hf.data.datasets import (
     DataError,
     ExampleProcessor,
     ImageDataset,
     ImageTransform,
-    collate,
-    decode_image,
     reference_images,
-    to_model_range,
-    to_rgb,
     training_dataset,
 )
+from vae_hf.data.decode import decode_image, to_rgb
+from vae_hf.data.loader import collate, to_model_range
 
 
 def _modes() -> dict[str, Image.Image]:
@@ -134,19 +132,21 @@ def test_a_wrong_image_column_is_named(image_folder):
 
 
 def test_a_hub_dataset_offline_fails_at_once_with_a_clear_message(monkeypatch):
-    import vae_hf.hub as hub
+    import vae_hf.offline as offline
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(hub, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: offline")
-    with pytest.raises(hub.OfflineError, match="data.dataset=someone/some-dataset"):
+    monkeypatch.setattr(
+        offline, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: offline"
+    )
+    with pytest.raises(offline.OfflineError, match="data.dataset=someone/some-dataset"):
         training_dataset(DataConfig(dataset="someone/some-dataset"), seed=0)
 
 
 def test_fast_jpeg_decode_decodes_at_reduced_scale_and_matches_a_full_decode(tmp_path):
     """A 1024 px photo wanted at 256 px is decoded at 1/4 scale by libjpeg; the training crop differs from a
     full decode + bicubic resize only far below what a VAE resolves (> 40 dB PSNR). PNGs are untouched."""
-    from vae_hf.data import try_transform
+    from vae_hf.data.datasets import try_transform
 
     from conftest import write_images
 

@@ -168,7 +168,7 @@ def test_fsdp1_is_refused_before_anything_is_built(monkeypatch):
     from accelerate.utils import DistributedType
 
     from vae_hf.config import ConfigError, load_config
-    from vae_hf.trainer import require_supported_distribution
+    from vae_hf.train.trainer import require_supported_distribution
 
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.FSDP))
     monkeypatch.setattr(Accelerator, "is_fsdp2", property(lambda self: False))

@@ -164,7 +164,7 @@ def test_demo_without_vgg_weights_stops_at_once_naming_the_override(tmp_path):
             sys.executable,
             "-c",
             (
-                "import sys, vae_hf.perceptual as p, vae_hf.hub as h;"
+                "import sys, vae_hf.models.perceptual as p;"
                 "p.unreachable_reason = lambda url, timeout_s=5.0: 'cannot reach download.pytorch.org: offline';"
                 "from vae_hf.cli import train_main; sys.exit(train_main([f'output_dir={sys.argv[1]}']))"
             ),

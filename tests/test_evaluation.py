@@ -12,9 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from diffusers import AutoencoderKL
 
-from vae_hf import evaluation
-from vae_hf.cli import main
-from vae_hf.evaluation import (
+from vae_hf.analysis import evaluation
+from vae_hf.analysis.evaluation import (
     INCEPTION_WEIGHTS_URL,
     METRIC_NAMES,
     PSNR_CAP_DB,
@@ -23,6 +22,7 @@ from vae_hf.evaluation import (
     evaluate_vae,
     inception_features,
 )
+from vae_hf.cli import main
 
 from conftest import run_cli, tiny_vae
 
@@ -267,7 +267,7 @@ def test_bad_input_exits_2_with_one_line(two_models, image_folder, capsys, chang
 def test_pretrained_lpips_offline_stops_at_once_naming_the_switch(
     two_models, image_folder, tmp_path, monkeypatch, capsys
 ):
-    import vae_hf.perceptual as perceptual
+    import vae_hf.models.perceptual as perceptual
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch_hub"))
     monkeypatch.setattr(perceptual, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach it: offline")

@@ -11,8 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from vae_hf.cli import main
-from vae_hf.inference import (
+from vae_hf.analysis.inference import (
     InferenceError,
     configure_tiling,
     decode,
@@ -28,6 +27,7 @@ from vae_hf.inference import (
     slerp,
     to_image,
 )
+from vae_hf.cli import main
 
 from conftest import run_cli, write_images
 from conftest import tiny_vae as conftest_tiny_vae

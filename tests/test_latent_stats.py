@@ -9,16 +9,17 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from vae_hf.cli import main
-from vae_hf.data import ImageTransform, decode_image
-from vae_hf.latent_stats import (
+from vae_hf.analysis.latent_stats import (
     ChannelMoments,
     LatentStatsError,
     config_to_write,
     latent_statistics,
-    latent_stats_command,
     write_factors,
 )
+from vae_hf.cli import main
+from vae_hf.cli.latent_stats import latent_stats_command
+from vae_hf.data.datasets import ImageTransform
+from vae_hf.data.decode import decode_image
 
 from conftest import run_cli
 from conftest import tiny_vae as conftest_tiny_vae

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from vae_hf.memory import (
+from vae_hf.perf.memory import (
     CudaAutocastPolicy,
     LiveStorageTracker,
     StepOptions,

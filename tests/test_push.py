@@ -17,10 +17,11 @@ from diffusers import AutoencoderKL
 from huggingface_hub import HfApi
 from PIL import Image
 
-import vae_hf.hub as hub
+import vae_hf.io.hub as hub
+import vae_hf.offline as offline
 from vae_hf.cli import main
-from vae_hf.hub import stage_upload
-from vae_hf.single_file import save_single_file
+from vae_hf.io.hub import stage_upload
+from vae_hf.io.single_file import save_single_file
 
 from conftest import tiny_vae
 
@@ -75,7 +76,7 @@ def hub_reachable(monkeypatch):
     """Online, logged in with a fake token, HfApi replaced by recorders that capture what would be uploaded."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(hub, "unreachable_reason", lambda url, timeout_s=5.0: None)
+    monkeypatch.setattr(offline, "unreachable_reason", lambda url, timeout_s=5.0: None)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     calls: dict[str, dict] = {}
 
@@ -173,7 +174,9 @@ def assert_push_fails(arguments: list[str], capsys, *fragments: str) -> None:
 
 
 def test_push_while_the_hub_is_unreachable_fails_at_once(run_output: Path, hub_reachable, monkeypatch, capsys):
-    monkeypatch.setattr(hub, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: timed out")
+    monkeypatch.setattr(
+        offline, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: timed out"
+    )
     assert_push_fails(["--model", str(run_output / "vae"), "--repo-id", REPO_ID], capsys, "cannot reach huggingface.co")
     assert hub_reachable == {}
 
@@ -276,14 +279,14 @@ def test_hub_refusal_is_one_line(run_output: Path, hub_reachable, monkeypatch, c
 
 def test_training_with_push_to_hub_uploads_the_vae_at_the_end(image_folder, tmp_path, monkeypatch):
     """train.push_to_hub: checked before any compute, uploaded at the end through huggingface_hub."""
-    import vae_hf.hub as hub
+    import vae_hf.io.hub as hub
     from vae_hf.config import load_config
-    from vae_hf.trainer import Trainer
+    from vae_hf.train.trainer import Trainer
 
     from conftest import tiny_overrides
 
     calls = []
-    monkeypatch.setattr(hub, "unreachable_reason", lambda url, timeout_s=5.0: None)
+    monkeypatch.setattr(offline, "unreachable_reason", lambda url, timeout_s=5.0: None)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(hub.huggingface_hub, "get_token", lambda: "hf_fake_secret_123")
@@ -308,15 +311,16 @@ def test_training_with_push_to_hub_uploads_the_vae_at_the_end(image_folder, tmp_
 
 def test_push_at_every_export_pushes_each_epoch_once(image_folder, tmp_path, monkeypatch):
     from vae_hf.config import load_config
-    from vae_hf.trainer import Trainer
+    from vae_hf.train.trainer import Trainer
 
     from conftest import tiny_overrides
 
     pushed = []
     monkeypatch.setattr(hub, "require_push_access", lambda: None)
-    monkeypatch.setattr("vae_hf.trainer.require_push_access", lambda: None)
+    monkeypatch.setattr("vae_hf.train.trainer.require_push_access", lambda: None)
     monkeypatch.setattr(
-        "vae_hf.outputs.push_vae_folder", lambda folder, repo_id, private, commit_message: pushed.append(commit_message)
+        "vae_hf.train.reporting.push_vae_folder",
+        lambda folder, repo_id, private, commit_message: pushed.append(commit_message),
     )
     overrides = {
         "train.push_to_hub": "true",
@@ -332,16 +336,17 @@ def test_push_at_every_export_pushes_each_epoch_once(image_folder, tmp_path, mon
 
 
 def test_push_to_hub_without_access_fails_before_training(image_folder, tmp_path, monkeypatch):
-    import vae_hf.hub as hub
     from vae_hf.config import load_config
-    from vae_hf.trainer import Trainer
+    from vae_hf.train.trainer import Trainer
 
     from conftest import tiny_overrides
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(hub, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: offline")
+    monkeypatch.setattr(
+        offline, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach huggingface.co: offline"
+    )
     overrides = {"train.push_to_hub": "true", "train.hub_repo_id": "someone/tiny-vae"}
-    with pytest.raises(hub.OfflineError, match="pushing needs the Hugging Face Hub"):
+    with pytest.raises(offline.OfflineError, match="pushing needs the Hugging Face Hub"):
         Trainer(load_config(None, tiny_overrides(image_folder, tmp_path / "run", **overrides)))
     assert not (tmp_path / "run").exists()

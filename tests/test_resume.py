@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vae_hf.checkpointing import STATE_FILE, Checkpointer, CheckpointError
 from vae_hf.config import load_config
-from vae_hf.trainer import Trainer
+from vae_hf.train.checkpoint import STATE_FILE, Checkpointer, CheckpointError
+from vae_hf.train.trainer import Trainer
 
 from conftest import ROOT, tiny_overrides, write_images
 

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vae_hf.cli import main
-from vae_hf.model import ModelLoadError, load_vae
-from vae_hf.single_file import LDM_PREFIX, save_single_file
+from vae_hf.io.single_file import LDM_PREFIX, save_single_file
+from vae_hf.models.vae import ModelLoadError, load_vae
 
 from conftest import ROOT
 from conftest import tiny_vae as conftest_tiny_vae

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from vae_hf.config import load_config
-from vae_hf.data import to_model_range
-from vae_hf.trainer import Trainer
+from vae_hf.data import loader as batching
+from vae_hf.train.trainer import Trainer
 
 from conftest import tiny_overrides
 
@@ -30,7 +30,7 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
 @pytest.fixture
 def applied_gradients(monkeypatch) -> list[list[torch.Tensor]]:
     """The gradients each optimizer step applies, in order, recorded at the real Player.step."""
-    from vae_hf.optimization import Player
+    from vae_hf.train.player import Player
 
     applied = []
     real_step = Player.step
@@ -76,10 +76,8 @@ def in_float64(monkeypatch):
     ~1e-5 of the largest gradient on some machines (AVX-512/AMX Xeons), so a float32 comparison measures
     the CPU. Float64 goes through PyTorch's own kernels, and its rounding is 1e9 times smaller.
     """
-    from vae_hf import data as vae_data
-
-    to_model_range = vae_data.to_model_range
-    monkeypatch.setattr(vae_data, "to_model_range", lambda pixels: to_model_range(pixels).double())
+    to_model_range = batching.to_model_range
+    monkeypatch.setattr(batching, "to_model_range", lambda pixels: to_model_range(pixels).double())
 
     def convert(trainer: Trainer) -> Trainer:
         for module in (trainer.vae, trainer.lpips, trainer.discriminator):
@@ -92,7 +90,7 @@ def in_float64(monkeypatch):
 
 
 def first_images(trainer: Trainer) -> torch.Tensor:
-    return to_model_range(next(iter(trainer.dataloader))["pixel_values"])
+    return batching.to_model_range(next(iter(trainer.dataloader))["pixel_values"])  # float64 under in_float64
 
 
 def count_calls(module: torch.nn.Module) -> list[int]:
@@ -106,7 +104,7 @@ def test_lpips_sends_gradient_to_the_decoder(image_folder, tmp_path):
         image_folder, tmp_path, **{"loss.reconstruction_weight": 0, "loss.kl_weight": 0, "loss.disc_weight": 0}
     )
     images = first_images(trainer)
-    reconstructions, posterior = trainer.vae_player.model(images)
+    reconstructions, posterior = trainer.vae_player.wrapped(images)
     g_loss, breakdown = trainer.generator_loss(images, reconstructions, posterior, disc_active=False)
     assert breakdown["rec"] > 0 and g_loss.item() == pytest.approx(breakdown["perceptual"].item())
     g_loss.backward()
@@ -142,7 +140,7 @@ def test_each_players_step_changes_only_its_own_parameters(image_folder, tmp_pat
     images = first_images(trainer)
     vae_before, disc_before = snapshot(trainer.vae), snapshot(trainer.discriminator)
 
-    reconstructions, posterior = trainer.vae_player.model(images)
+    reconstructions, posterior = trainer.vae_player.wrapped(images)
     g_loss, breakdown = trainer.generator_loss(images, reconstructions, posterior, disc_active=True)
     assert breakdown["g_adv"] != 0
     trainer.vae_player.backward(trainer.accelerator, g_loss)
@@ -170,12 +168,12 @@ def test_training_step_runs_both_players_once_the_discriminator_is_on(image_fold
 
 
 def test_adaptive_weight_is_computed_only_when_the_discriminator_is_on(image_folder, tmp_path, monkeypatch):
-    import vae_hf.trainer as trainer_module
+    import vae_hf.game as game_module
 
     weights = []
-    real = trainer_module.adaptive_disc_weight
+    real = game_module.adaptive_disc_weight
     monkeypatch.setattr(
-        trainer_module, "adaptive_disc_weight", lambda *a, **k: weights.append(real(*a, **k)) or weights[-1]
+        game_module, "adaptive_disc_weight", lambda *a, **k: weights.append(real(*a, **k)) or weights[-1]
     )
     trainer = build(
         image_folder,
@@ -281,7 +279,7 @@ def test_learning_rate_warmup_follows_optimizer_steps(image_folder, tmp_path):
 )
 def test_learning_rate_schedules_per_optimizer_step(schedule, expected):
     from vae_hf.config import OptimConfig
-    from vae_hf.optimization import build_optimizer, build_scheduler
+    from vae_hf.train.player import build_optimizer, build_scheduler
 
     config = OptimConfig(lr=1.0, lr_scheduler=schedule, warmup_steps=2)
     optimizer = build_optimizer([torch.nn.Parameter(torch.zeros(1))], config, config.lr)
@@ -295,7 +293,7 @@ def test_learning_rate_schedules_per_optimizer_step(schedule, expected):
 
 
 def test_a_failed_vae_export_is_one_clear_error_and_keeps_the_previous_one(image_folder, tmp_path, monkeypatch):
-    from vae_hf.export import ExportError
+    from vae_hf.io.export import ExportError
 
     trainer = build(image_folder, tmp_path, **{"loss.disc_weight": 0, "train.max_steps": 1})
     trainer.train()
@@ -363,16 +361,14 @@ def test_channels_last_check_fails_when_the_layout_swaps_axes(
     image_folder, tmp_path, applied_gradients, in_float64, monkeypatch
 ):
     """Control: a layout bug that reads the images with height and width swapped fails the comparison above."""
-    from vae_hf import data as vae_data
-
-    to_model_range = vae_data.to_model_range
+    to_model_range = batching.to_model_range
     nhwc_run = [False]
 
     def swapped_in_the_nhwc_run(pixels):
         images = to_model_range(pixels)
         return images.transpose(-1, -2) if nhwc_run[0] else images
 
-    monkeypatch.setattr(vae_data, "to_model_range", swapped_in_the_nhwc_run)
+    monkeypatch.setattr(batching, "to_model_range", swapped_in_the_nhwc_run)
     monkeypatch.setattr(Trainer, "train", _flagging_train(Trainer.train, nhwc_run))
     nchw, nhwc, _ = nchw_and_nhwc_gradients(image_folder, tmp_path, applied_gradients, in_float64)
     with pytest.raises(AssertionError, match="not close"):
@@ -519,3 +515,41 @@ def test_fused_and_foreach_adam_train_the_same_way(image_folder, tmp_path, steps
     assert largest > 1e-3
     difference = max((moved_fused[name] - moved_foreach[name]).abs().max().item() for name in moved_fused)
     assert difference <= tolerance * largest
+
+
+@pytest.mark.parametrize("adaptive", ["false", "true"])
+def test_the_benchmark_floor_plays_the_trainers_game(image_folder, tmp_path, applied_gradients, in_float64, adaptive):
+    """vae_hf.perf.floor (what `vae-hf bench` compares the trainer with, and what the memory estimate runs)
+    computes the trainer's generator and discriminator losses and gradients for the same weights and batch."""
+    import contextlib
+    import copy
+
+    from vae_hf.perf.floor import floor_step
+
+    overrides = {"loss.disc_start_step": 0, "loss.adaptive_disc_weight": adaptive, "model.sample_posterior": "false"}
+    trainer = in_float64(build(image_folder, tmp_path, **overrides))
+    images = first_images(trainer)
+    vae, discriminator = copy.deepcopy(trainer.vae), copy.deepcopy(trainer.discriminator)
+
+    breakdown = trainer.training_step(images)  # both players' steps, gradients recorded before each update
+    vae_grads, disc_grads = applied_gradients
+    floor_g, floor_d = floor_step(
+        vae,
+        trainer.game,
+        discriminator,
+        None,
+        None,
+        images,
+        contextlib.nullcontext,
+        update=False,
+        sample_posterior=False,
+    )
+
+    assert (breakdown["disc_weight"] != trainer.config.loss.disc_weight) == (adaptive == "true")
+    for name in ("rec", "kl", "perceptual", "g_adv", "disc_weight", "g_loss"):
+        torch.testing.assert_close(floor_g[name], breakdown[name], rtol=1e-12, atol=0, msg=name)
+    for name in ("d_loss", "d_real", "d_fake"):
+        torch.testing.assert_close(floor_d[name], breakdown[name], rtol=1e-12, atol=0, msg=name)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    assert_same_float64_gradients([p.grad for p in trained], vae_grads)
+    assert_same_float64_gradients([p.grad for p in discriminator.parameters()], disc_grads)

@@ -5,8 +5,9 @@ import json
 import pytest
 
 from vae_hf.config import load_config
-from vae_hf.data import DataError, heldout_dataset
-from vae_hf.trainer import Trainer
+from vae_hf.data import DataError
+from vae_hf.data.datasets import heldout_dataset
+from vae_hf.train.trainer import Trainer
 
 from conftest import tiny_overrides
 

@@ -9,8 +9,8 @@ import yaml
 from accelerate.utils import DeepSpeedPlugin
 
 from vae_hf.config import ConfigError, load_config
-from vae_hf.trainer import Trainer
-from vae_hf.zero import engine_config
+from vae_hf.parallel.deepspeed import engine_config
+from vae_hf.train.trainer import Trainer
 
 from conftest import ROOT, tiny_overrides, write_images
 

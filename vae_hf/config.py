@@ -31,7 +31,26 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+# Every key that takes one of a few names, with its names: defined once here, used by validation, the
+# command line and the generated configuration reference.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.reconstruction": ("l2", "l1"),
+    "loss.kl_reduction": ("mean", "sum"),
+    "loss.disc_loss": ("lsgan", "hinge", "vanilla"),
+    "loss.disc_norm": ("batch", "none"),
+    "optim.lr_scheduler": ("constant", "cosine", "linear"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.eval_metrics": ("psnr", "ssim", "lpips", "rfid"),
+    "train.compile_mode": ("default", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
+    "train.report_to": ("tensorboard", "wandb", "all", "none"),
+}
+# Tensor precisions a VAE's weights can be written in (`vae-hf export --dtype`), by their torch dtype's name.
+WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def _require_choice(value: str, key: str) -> None:
+    choices = CHOICES[key]
     _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
@@ -114,7 +133,7 @@ class DataConfig:
     reference_split: Optional[str] = None
     """Split the reference images come from (null: the training split)."""
     reference_indices: List[int] = field(default_factory=lambda: [0])
-    """Indices of the reference images in `reference_split` (the seed tracks image 13)."""
+    """Indices of the reference images in `reference_split` (the reference recipe tracks image 13)."""
 
     def __post_init__(self) -> None:
         _require(bool(self.dataset), "data.dataset", "must name a Hub dataset id or a local folder")
@@ -144,13 +163,13 @@ class DataConfig:
 @dataclass
 class LossConfig:
     reconstruction: str = "l2"
-    """Pixel loss: l2 (MSE, the seed) or l1 (LDM)."""
+    """Pixel loss: l2 (MSE, the reference recipe) or l1 (LDM)."""
     reconstruction_weight: float = 1.0
     """Weight of the pixel loss."""
     kl_weight: float = 5e-6
-    """Weight of the KL term (seed 5e-6; LDM 1e-6)."""
+    """Weight of the KL term (reference recipe 5e-6; LDM 1e-6)."""
     kl_reduction: str = "mean"
-    """mean: mean over all latent elements (the seed); sum: summed per sample, batch mean (LDM)."""
+    """mean: mean over all latent elements (the reference recipe); sum: summed per sample, batch mean (LDM)."""
     perceptual_weight: float = 1.0
     """Weight of LPIPS (0 switches it off)."""
     perceptual_pretrained: bool = True
@@ -158,11 +177,11 @@ class LossConfig:
     disc_weight: float = 0.5
     """Weight of the generator's adversarial term."""
     disc_loss_weight: float = 0.5
-    """Scale of the discriminator's own loss (the seed multiplies it by disc_weight, 0.5)."""
+    """Scale of the discriminator's own loss (the reference recipe multiplies it by disc_weight, 0.5)."""
     disc_start_step: int = 3750
-    """Optimizer step at which the discriminator starts (seed: 15000 micro-batches / 4 = 3750)."""
+    """Optimizer step at which the discriminator starts (reference recipe: 15000 micro-batches / 4 = 3750)."""
     disc_loss: str = "lsgan"
-    """Adversarial loss: lsgan (the seed), hinge (LDM) or vanilla (non-saturating BCE)."""
+    """Adversarial loss: lsgan (the reference recipe), hinge (LDM) or vanilla (non-saturating BCE)."""
     adaptive_disc_weight: bool = False
     """Scale the adversarial term by ||grad rec|| / ||grad adv|| on the decoder's last layer (LDM)."""
     adaptive_weight_max: float = 1e4
@@ -175,10 +194,10 @@ class LossConfig:
     """Normalisation in the discriminator: batch or none."""
 
     def __post_init__(self) -> None:
-        _require_choice(self.reconstruction, "loss.reconstruction", ("l2", "l1"))
-        _require_choice(self.kl_reduction, "loss.kl_reduction", ("mean", "sum"))
-        _require_choice(self.disc_loss, "loss.disc_loss", ("lsgan", "hinge", "vanilla"))
-        _require_choice(self.disc_norm, "loss.disc_norm", ("batch", "none"))
+        _require_choice(self.reconstruction, "loss.reconstruction")
+        _require_choice(self.kl_reduction, "loss.kl_reduction")
+        _require_choice(self.disc_loss, "loss.disc_loss")
+        _require_choice(self.disc_norm, "loss.disc_norm")
         for key in ("reconstruction_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_loss_weight"):
             value = getattr(self, key)
             _require(math.isfinite(value) and value >= 0, f"loss.{key}", f"must be finite and >= 0, got {value}")
@@ -195,11 +214,11 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
-    """VAE learning rate (the seed: 1e-5)."""
+    """VAE learning rate (the reference recipe: 1e-5)."""
     disc_lr: Optional[float] = None
     """Discriminator learning rate (null: same as lr)."""
     betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
-    """Adam betas for both players (the seed: 0.5, 0.999)."""
+    """Adam betas for both players (the reference recipe: 0.5, 0.999)."""
     weight_decay: float = 0.0
     """Decoupled weight decay (AdamW); 0 is plain Adam."""
     eps: float = 1e-8
@@ -226,7 +245,7 @@ class OptimConfig:
         _require(self.eps > 0, "optim.eps", "must be > 0")
         if self.max_grad_norm is not None:
             _require(self.max_grad_norm > 0, "optim.max_grad_norm", "must be > 0 (or null)")
-        _require_choice(self.lr_scheduler, "optim.lr_scheduler", ("constant", "cosine", "linear"))
+        _require_choice(self.lr_scheduler, "optim.lr_scheduler")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
 
 
@@ -292,21 +311,19 @@ class TrainConfig:
         _require(self.num_epochs >= 1, "train.num_epochs", "must be >= 1")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null)")
-        _require_choice(self.mixed_precision, "train.mixed_precision", ("no", "fp16", "bf16"))
+        _require_choice(self.mixed_precision, "train.mixed_precision")
         _require(self.sample_every_steps >= 1, "train.sample_every_steps", "must be >= 1")
         if self.eval_every_steps is not None:
             _require(self.eval_every_steps >= 1, "train.eval_every_steps", "must be >= 1 (or null)")
         for name in self.eval_metrics:
-            _require_choice(name, "train.eval_metrics", ("psnr", "ssim", "lpips", "rfid"))
+            _require_choice(name, "train.eval_metrics")
         _require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         if self.checkpoint_every_steps is not None:
             _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1 (or null)")
         if self.checkpoints_total_limit is not None:
             _require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1 (or null)")
-        _require_choice(
-            self.compile_mode, "train.compile_mode", ("default", "max-autotune", "max-autotune-no-cudagraphs")
-        )
-        _require_choice(self.compile_backend, "train.compile_backend", ("inductor", "aot_eager", "eager"))
+        _require_choice(self.compile_mode, "train.compile_mode")
+        _require_choice(self.compile_backend, "train.compile_backend")
         _require(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         if self.ema_decay is not None:
             _require(0 < self.ema_decay < 1, "train.ema_decay", "must be in (0, 1) (or null)")
@@ -316,7 +333,7 @@ class TrainConfig:
                 "train.hub_repo_id",
                 f"must be OWNER/NAME when train.push_to_hub=true, got {self.hub_repo_id!r}",
             )
-        _require_choice(self.report_to, "train.report_to", ("tensorboard", "wandb", "all", "none"))
+        _require_choice(self.report_to, "train.report_to")
         if self.report_to in ("wandb", "all"):
             _require(
                 importlib.util.find_spec("wandb") is not None,
@@ -328,7 +345,7 @@ class TrainConfig:
 @dataclass
 class Config:
     seed: int = 1111
-    """Seed of every random generator (the seed recipe: 1111)."""
+    """Seed of every random generator (the reference recipe: 1111)."""
     output_dir: str = "outputs/run"
     """Folder for config.yaml, samples/, checkpoints/, vae/ and logs/."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -17,7 +17,7 @@ def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, kind: str = "l2") -> torch.Tensor:
-    """Mean pixel loss: MSE (the seed's ``nn.MSELoss``) or L1 (LDM's ``|x - x_rec|``)."""
+    """Mean pixel loss: MSE (the reference recipe's ``nn.MSELoss``) or L1 (LDM's ``|x - x_rec|``)."""
     if kind == "l2":
         return F.mse_loss(at_least_fp32(reconstructions), at_least_fp32(images))
     if kind == "l1":
@@ -28,9 +28,9 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, kin
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) = -0.5 * (1 + logvar - mean^2 - exp(logvar)) per element.
 
-    ``mean`` averages over every latent element (the seed's formula); ``sum`` sums over each sample's
+    ``mean`` averages over every latent element (the reference recipe's formula); ``sum`` sums over each sample's
     latent elements and averages over the batch (LDM's ``DiagonalGaussianDistribution.kl``), which is
-    why LDM's KL weights (1e-6) are far smaller per element than the seed's (5e-6 of a mean).
+    why LDM's KL weights (1e-6) are far smaller per element than the reference recipe's (5e-6 of a mean).
     """
     mean, logvar = at_least_fp32(mean), at_least_fp32(logvar)
     per_element = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())
@@ -44,7 +44,7 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -
 def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
     """The VAE's adversarial term: make the discriminator call reconstructions real."""
     logits_fake = at_least_fp32(logits_fake)
-    if kind == "lsgan":  # least squares towards the "real" target 1 (Mao et al. 2017; the seed)
+    if kind == "lsgan":  # least squares towards the "real" target 1 (Mao et al. 2017; the reference recipe)
         return F.mse_loss(logits_fake, torch.ones_like(logits_fake))
     if kind == "hinge":  # LDM/taming: -E[D(x_rec)]
         return -logits_fake.mean()
@@ -54,7 +54,7 @@ def generator_adversarial_loss(logits_fake: torch.Tensor, kind: str) -> torch.Te
 
 
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor, kind: str) -> torch.Tensor:
-    """The discriminator's loss, the mean of its real and fake halves (the seed and LDM both halve)."""
+    """The discriminator's loss, the mean of its real and fake halves (the reference recipe and LDM both halve)."""
     logits_real, logits_fake = at_least_fp32(logits_real), at_least_fp32(logits_fake)
     if kind == "lsgan":
         real = F.mse_loss(logits_real, torch.ones_like(logits_real))

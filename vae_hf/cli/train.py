@@ -1,0 +1,29 @@
+"""`vae-hf train` and `train_autoencoder.py`: parse and check the whole config, then train."""
+
+from __future__ import annotations
+
+import argparse
+
+from vae_hf.config import load_config
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="YAML recipe (default: configs/demo.yaml)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. train.max_steps=20 model.block_out_channels=[32,64]",
+    )
+
+
+def run_train(config_path: str | None, overrides: list[str]) -> int:
+    """Parse and check the whole config before building anything, then train."""
+    config = load_config(config_path, overrides)
+    from vae_hf.train.trainer import Trainer  # imported here: seconds of torch/diffusers imports
+
+    trainer = Trainer(config)
+    trainer.train()
+    if trainer.stop_signal is not None:  # saved and stopped early: not a finished run
+        return trainer.stop_request.exit_status
+    return 0

@@ -1,0 +1,271 @@
+"""Images from a Hugging Face `datasets` source (a Hub dataset or a local folder): splits, transforms, reference images.
+
+Images are decoded by our own code (`vae_hf.data.decode`) rather than by the `Image` feature, so that every
+file goes through one conversion to RGB and a file that will not decode is skipped and counted instead of
+killing the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset, load_dataset
+from datasets import Image as ImageFeature
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from vae_hf.config import DataConfig
+from vae_hf.data import DataError
+from vae_hf.data.decode import DECODE_ERRORS, decode_image, describe
+from vae_hf.data.loader import to_model_range
+from vae_hf.offline import require_hub
+
+logger = logging.getLogger(__name__)
+
+
+def is_local(dataset: str) -> bool:
+    return Path(dataset).expanduser().is_dir()
+
+
+def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset | IterableDataset:
+    """The configured split with its image column left undecoded (paths or bytes)."""
+    split = split or config.split
+    if is_local(config.dataset):
+        dataset = _load(
+            lambda: load_dataset(
+                "imagefolder", data_dir=str(Path(config.dataset).expanduser()), split=split, streaming=config.streaming
+            ),
+            config.dataset,
+            split,
+        )
+    else:
+        if Path(config.dataset).expanduser().exists() or config.dataset.startswith((".", "/", "~")):
+            raise DataError(f"data.dataset: {config.dataset} is not a folder")
+        require_hub(
+            f"data.dataset={config.dataset}",
+            "Use a local image folder, or pre-download the dataset and set HF_DATASETS_OFFLINE=1.",
+        )
+        dataset = _load(
+            lambda: load_dataset(config.dataset, split=split, streaming=config.streaming), config.dataset, split
+        )
+    columns = dataset.column_names or list(dataset.features or {})
+    if config.image_column not in columns:
+        raise DataError(
+            f"data.image_column: no column {config.image_column!r} in {config.dataset} (columns: {', '.join(columns)})"
+        )
+    return dataset.cast_column(config.image_column, ImageFeature(decode=False))
+
+
+def _load(loader, name: str, split: str):
+    try:
+        return loader()
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise DataError(f"data.dataset: cannot load split {split!r} of {name}: {str(error).splitlines()[0]}") from None
+
+
+@dataclass
+class ImageTransform:
+    """Resize the short side to `resolution`, crop a square, maybe flip, scale to [-1, 1].
+
+    With `uint8`, the pixels stay 0..255 bytes and `to_model_range` scales them where they are used: the
+    training loader's workers then pass a quarter of the bytes to the training process, which copies a
+    quarter to the GPU.
+    """
+
+    resolution: int
+    center_crop: bool = True
+    random_flip: bool = False
+    draft_jpeg: bool = False  # decode JPEGs at a reduced scale still >= resolution (see decode_image)
+    uint8: bool = False
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        width, height = image.size
+        if self.center_crop:
+            image = TF.center_crop(image, [self.resolution, self.resolution])
+        else:
+            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
+            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
+            image = TF.crop(image, top, left, self.resolution, self.resolution)
+        pixels = TF.pil_to_tensor(image)  # (3, R, R) uint8
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
+            pixels = pixels.flip(-1)
+        return pixels if self.uint8 else to_model_range(pixels)
+
+
+def sample_seed(*parts: int) -> int:
+    """A 63-bit seed mixed from integers (run seed, epoch, index, ...), the same in every process."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def try_transform(
+    value: Any, transform: ImageTransform, generator: torch.Generator | None = None, max_pixels: int | None = None
+) -> torch.Tensor | None:
+    """Decode and transform one stored image; None (with a warning naming it) when it is unreadable."""
+    try:
+        draft_size = transform.resolution if transform.draft_jpeg else None
+        return transform(decode_image(value, max_pixels, draft_size), generator)
+    except DECODE_ERRORS as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.warning("skipping unreadable image %s: %s", describe(value), reason)
+        return None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A map-style `datasets` split as tensors.
+
+    Random crops and flips draw from a generator seeded by (run seed, epoch, index), not from the
+    process-wide RNG: a sample's augmentation is then the same whichever worker loads it and whether
+    or not the run was interrupted and resumed. The epoch lives in shared memory, so persistent
+    DataLoader workers (started once, holding their own copy of the dataset) see `set_epoch` too.
+    """
+
+    def __init__(
+        self, dataset: Dataset, image_column: str, transform: ImageTransform, seed: int, max_pixels: int | None = None
+    ):
+        self.dataset, self.image_column, self.transform, self.seed = dataset, image_column, transform, seed
+        self.max_pixels = max_pixels
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.numpy())  # a read of shared CPU memory, never a device sync
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        value = self.dataset[index][self.image_column]
+        return {"pixel_values": try_transform(value, self.transform, generator, self.max_pixels)}
+
+
+@dataclass
+class ExampleProcessor:
+    """For streaming data: turns a batch of rows into tensors; unreadable rows become None."""
+
+    image_column: str
+    transform: ImageTransform
+    max_pixels: int | None = None
+
+    def __call__(self, examples: dict[str, list]) -> dict[str, list]:
+        return {
+            "pixel_values": [
+                try_transform(value, self.transform, None, self.max_pixels) for value in examples[self.image_column]
+            ]
+        }
+
+
+def training_dataset(
+    config: DataConfig, seed: int, rank: int = 0, world_size: int = 1
+) -> ImageDataset | IterableDataset:
+    """The training split, transformed lazily to uint8 pixels (`to_model_range` scales them on the device);
+    streaming data is shuffled in a buffer and split by rank."""
+    dataset = load_image_dataset(config)
+    if config.validation_split is None and config.validation_fraction > 0:
+        dataset = _held_out(dataset, config, seed)["train"]
+    transform = ImageTransform(
+        config.resolution, config.center_crop, config.random_flip, config.fast_jpeg_decode, uint8=True
+    )
+    if isinstance(dataset, IterableDataset):
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer_size)
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        processor = ExampleProcessor(config.image_column, transform, config.max_image_pixels)
+        return dataset.map(processor, batched=True, remove_columns=dataset.column_names)
+    require_a_usable_image(dataset, config)
+    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+
+
+def heldout_dataset(config: DataConfig, seed: int) -> ImageDataset | None:
+    """Images kept out of training for evaluation: `data.validation_split`, else a seeded
+    `data.validation_fraction` of the training split, else None. Centre crops, no flips."""
+    if config.validation_split is not None:
+        dataset = load_image_dataset(config, config.validation_split)
+        if isinstance(dataset, IterableDataset):
+            dataset = Dataset.from_list(list(dataset.take(config.validation_max_images)), features=dataset.features)
+    elif config.validation_fraction > 0:
+        dataset = _held_out(load_image_dataset(config), config, seed)["test"]
+    else:
+        return None
+    if len(dataset) == 0:
+        raise DataError(f"data.validation_split: no images in the held-out set of {config.dataset}")
+    dataset = dataset.select(range(min(len(dataset), config.validation_max_images)))
+    transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
+    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+
+
+def _held_out(dataset: Dataset, config: DataConfig, seed: int):
+    """The same seeded split every time, so training never sees the held-out images."""
+    if len(dataset) < 2:
+        raise DataError(f"data.validation_fraction: {config.dataset} has too few images to hold some out")
+    return dataset.train_test_split(test_size=config.validation_fraction, seed=seed, shuffle=True)
+
+
+def require_a_usable_image(dataset: Dataset, config: DataConfig, limit: int = 1000) -> None:
+    """Stop before training when the data holds no image that decodes (checks at most `limit` rows)."""
+    if len(dataset) == 0:
+        raise DataError(f"data.dataset: split {config.split!r} of {config.dataset} holds no images")
+    checked = min(len(dataset), limit)
+    for index in range(checked):
+        try:
+            decode_image(dataset[index][config.image_column], config.max_image_pixels)
+            return
+        except DECODE_ERRORS:
+            continue
+    where = f"its {checked}" if checked == len(dataset) else f"the first {checked} of its {len(dataset)}"
+    raise DataError(f"data.dataset: no usable image in {config.dataset}: none of {where} files decodes")
+
+
+def reference_images(config: DataConfig) -> torch.Tensor:
+    """The fixed images shown in every sample PNG, centre-cropped and unflipped: (N, 3, R, R)."""
+    transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
+    if not config.reference_images:
+        return torch.stack([transform(image) for image in _readable_rows(config)])
+    images = []
+    for path in (Path(p).expanduser() for p in config.reference_images):
+        try:
+            images.append(transform(decode_image(path, config.max_image_pixels)))
+        except FileNotFoundError:
+            raise DataError(f"data.reference_images: no such file {path}") from None
+        except DECODE_ERRORS as error:
+            raise DataError(f"data.reference_images: cannot read {path}: {error}") from None
+    return torch.stack(images)
+
+
+def _readable_rows(config: DataConfig, lookahead: int = 100) -> list[Image.Image]:
+    """The images at `reference_indices`; an unreadable one is replaced by the next readable one."""
+    split = config.reference_split or config.split
+    dataset = load_image_dataset(config, split)
+    if isinstance(dataset, IterableDataset):
+        dataset = list(dataset.take(max(config.reference_indices) + lookahead))
+    images = []
+    for index in config.reference_indices:
+        if index >= len(dataset):
+            raise DataError(
+                f"data.reference_indices: index {index} is past the end of split {split!r} ({len(dataset)} images)"
+            )
+        for candidate in range(index, min(index + lookahead, len(dataset))):
+            value = dataset[candidate][config.image_column]
+            try:
+                images.append(decode_image(value, config.max_image_pixels))
+                break
+            except DECODE_ERRORS:
+                logger.warning(
+                    "reference image %d (%s) is unreadable; trying image %d", candidate, describe(value), candidate + 1
+                )
+        else:
+            raise DataError(f"data.reference_indices: no readable image from index {index} of split {split!r}")
+    return images

@@ -1,0 +1,131 @@
+"""The two-player objective: what the VAE (the generator) and the PatchGAN discriminator each minimise.
+
+The generator's loss is pixel reconstruction + KL + LPIPS, plus, once the discriminator plays, the
+adversarial term through a frozen discriminator (gradient reaches the reconstructions, none reaches the
+discriminator's weights), scaled by a fixed weight or by LDM's adaptive weight. The discriminator's loss
+scores real images against detached reconstructions, so none of it reaches the VAE.
+
+One `Game` serves the trainer, the benchmark's floor (`vae_hf.perf.floor`) and the memory estimate, so all
+three compute the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from vae_hf.config import CHOICES, WEIGHT_DTYPES, LossConfig
+from vae_hf.losses import (
+    adaptive_disc_weight,
+    at_least_fp32,
+    discriminator_loss,
+    generator_adversarial_loss,
+    kl_loss,
+    reconstruction_loss,
+)
+from vae_hf.models.perceptual import perceptual_loss
+
+# train.mixed_precision -> the forward's autocast dtype ("no" runs in full precision)
+AUTOCAST_DTYPES = {
+    name: getattr(torch, WEIGHT_DTYPES[name]) for name in CHOICES["train.mixed_precision"] if name != "no"
+}
+
+
+def autocast(device_type: str, mixed_precision: str) -> AbstractContextManager:
+    """The forward's precision for `train.mixed_precision` (`no`: full precision)."""
+    dtype = AUTOCAST_DTYPES.get(mixed_precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Use a module as a fixed function: gradient reaches its input, none reaches its parameters.
+
+    The flags are restored on the parameters that were switched off, not on whatever `parameters()`
+    yields at the end: under FSDP2 the module holds its all-gathered (unsharded) parameters from the
+    forward until the backward, and those are rebuilt from the sharded ones' flags at the next gather.
+    """
+    parameters = list(module.parameters())
+    flags = [p.requires_grad for p in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for parameter, flag in zip(parameters, flags, strict=True):
+            parameter.requires_grad_(flag)
+
+
+def no_side_effects(_output: torch.Tensor) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+class Game:
+    """The losses of both players for one recipe (`loss.*`) and a frozen LPIPS network (or None)."""
+
+    def __init__(self, loss: LossConfig, lpips: nn.Module | None):
+        self.loss = loss
+        self.lpips = lpips
+
+    def generator_loss(
+        self,
+        images: torch.Tensor,
+        reconstructions: torch.Tensor,
+        posterior,
+        discriminator: nn.Module | None = None,
+        last_layer: torch.Tensor | None = None,
+        side_gradients: Callable[[torch.Tensor], AbstractContextManager] = no_side_effects,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The VAE's loss and its detached breakdown.
+
+        `discriminator=None` is a step before `loss.disc_start_step`: the discriminator is not even run.
+        `last_layer` is the decoder weight the adaptive weight measures gradients on; `side_gradients`
+        wraps that measurement for a launch setup that hooks the reconstructions (DeepSpeed).
+        """
+        loss = self.loss
+        zero = images.new_zeros((), dtype=torch.float32)
+        rec = reconstruction_loss(reconstructions, images, loss.reconstruction)
+        kl = kl_loss(posterior.mean, posterior.logvar, loss.kl_reduction)
+        perceptual = zero
+        if self.lpips is not None:
+            perceptual = at_least_fp32(perceptual_loss(self.lpips, reconstructions, images))
+        nll = loss.reconstruction_weight * rec + loss.perceptual_weight * perceptual
+        g_loss = nll + loss.kl_weight * kl
+        g_adv, disc_weight = zero, zero
+        if discriminator is not None:
+            with frozen(discriminator):
+                g_adv = generator_adversarial_loss(discriminator(reconstructions), loss.disc_loss)
+            disc_weight = zero + loss.disc_weight
+            if loss.adaptive_disc_weight:
+                with side_gradients(reconstructions):
+                    disc_weight = disc_weight * adaptive_disc_weight(nll, g_adv, last_layer, loss.adaptive_weight_max)
+            g_loss = g_loss + disc_weight * g_adv
+        breakdown = {
+            "rec": rec,
+            "kl": kl,
+            "perceptual": perceptual,
+            "g_adv": g_adv,
+            "disc_weight": disc_weight,
+            "g_loss": g_loss,
+        }
+        return g_loss, {name: value.detach() for name, value in breakdown.items()}
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, images: torch.Tensor, reconstructions: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The discriminator's loss on real images and (detached) reconstructions, and its breakdown."""
+        logits_real = discriminator(images)
+        logits_fake = discriminator(reconstructions)
+        d_loss = self.loss.disc_loss_weight * discriminator_loss(logits_real, logits_fake, self.loss.disc_loss)
+        breakdown = {
+            "d_loss": d_loss.detach(),
+            "d_real": logits_real.detach().float().mean(),
+            "d_fake": logits_fake.detach().float().mean(),
+        }
+        return d_loss, breakdown

@@ -1,0 +1,367 @@
+"""`vae-hf bench`: how fast the real trainer runs, against its floor (`vae_hf.perf.floor`): the same game, bare.
+
+Measured in one run, on one config and device: seconds per optimizer step and images/s of the trainer
+(after warm-up; discriminator off, then on), the same for a bare loop (VAE forward/backward, LPIPS,
+discriminator forward/backward, optimizer steps; no data loading, logging, checks or checkpoints), the
+ratio (our overhead), peak memory, the data loader's own images/s, and model FLOPs utilisation (FLOPs
+from PyTorch's counter / step time / the device's peak, when the peak is known or given).
+"""
+
+from __future__ import annotations
+
+import functools
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vae_hf.config import Config
+from vae_hf.data import datasets as image_datasets
+from vae_hf.data import loader as batching
+from vae_hf.game import AUTOCAST_DTYPES
+from vae_hf.models.vae import build_vae
+from vae_hf.perf.floor import floor_step
+from vae_hf.perf.memory import (
+    GIB,
+    DiscriminatorShape,
+    StepOptions,
+    estimate_step_memory,
+    largest_batch,
+    measure_cuda_step_memory,
+)
+from vae_hf.train.trainer import Trainer
+
+# Dense bf16 peak of known accelerators, in FLOP/s (vendor figures); pass --peak-tflops for others.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 4090": 165e12}
+NEVER = 10**9
+MEMORY_BATCHES = (1, 4, 8)
+DEFAULT_BUDGET_GB = 24.0
+
+
+def benchmark(
+    config: Config,
+    steps: int = 10,
+    warmup: int = 3,
+    peak_tflops: float | None = None,
+    speed: bool = True,
+    memory: bool = False,
+    memory_budget_gb: float | None = None,
+    loader: bool = False,
+) -> dict[str, Any]:
+    """The speed section (trainer and bare loop, discriminator off and on, which includes the data
+    loader's rate), or the loader alone, and/or the memory section; returns the JSON-ready report."""
+    device = _default_device()
+    report: dict[str, Any] = {
+        "device": _device_name(device),
+        "config": {
+            "batch_size": config.train.batch_size,
+            "resolution": config.data.resolution,
+            "mixed_precision": config.train.mixed_precision,
+        },
+        "versions": {"torch": torch.__version__},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if speed:
+        with tempfile.TemporaryDirectory(prefix="vae-hf-bench-") as scratch:
+            report.update(_speed(_benchmark_config(config, Path(scratch), steps + warmup), steps, warmup, peak_tflops))
+    elif loader:
+        report["data_loader"] = loader_section(config, steps)
+    if memory:
+        report["memory"] = memory_section(config, device, memory_budget_gb)
+    return report
+
+
+def _speed(config: Config, steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for disc in ("off", "on"):
+        trainer = _trainer(config, disc_start=NEVER if disc == "off" else 0)
+        report[f"trainer_disc_{disc}"], report[f"bare_disc_{disc}"] = _time_interleaved(trainer, warmup, disc == "on")
+        report[f"overhead_disc_{disc}"] = (
+            report[f"trainer_disc_{disc}"]["s_per_step"] / report[f"bare_disc_{disc}"]["s_per_step"]
+        )
+    report["data_loader"] = _time_loader(trainer.dataloader, steps, config.data.num_workers)
+    report["flops_per_step_disc_on"] = _flops(trainer)
+    report["mfu_disc_on"] = _mfu(report["flops_per_step_disc_on"], report, trainer.accelerator.device, peak_tflops)
+    report["peak_memory_mb"] = _peak_memory_mb(trainer.accelerator.device)
+    return report
+
+
+def memory_section(config: Config, device: torch.device, budget_gb: float | None = None) -> dict[str, Any]:
+    """Peak memory of a training step at batch 1, 4 and 8, without and with gradient checkpointing, and the
+    largest batch that fits: measured on a GPU (the device's memory, or `budget_gb`), estimated elsewhere
+    (fake tensors, `budget_gb` or 24 GiB). The configured model, resolution, precision and losses."""
+    vae = build_vae(config.model, config.data.resolution)
+    vae_config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    loss = config.loss
+    options = StepOptions(
+        mixed_precision=config.train.mixed_precision,
+        perceptual=loss.perceptual_weight > 0,
+        discriminator=DiscriminatorShape(loss.disc_channels, loss.disc_num_layers, loss.disc_norm)
+        if loss.disc_weight > 0
+        else None,
+        decoder_only=config.model.train_decoder_only,
+    )
+    # an EMA's fp32 shadow of the VAE stays on the device through every step
+    ema_bytes = 4 * sum(t.numel() for t in vae.state_dict().values() if t.is_floating_point())
+    ema_bytes = ema_bytes if config.train.ema_decay is not None else 0
+    resolution = config.data.resolution
+    if device.type == "cuda":
+        method = "measured: torch.cuda.max_memory_allocated over the step"
+        budget = budget_gb * GIB if budget_gb else torch.cuda.get_device_properties(device).total_memory - ema_bytes
+        measure = partial(measure_cuda_step_memory, vae_config, resolution, options=options, device=device)
+    else:
+        method = "estimated: live tensor storage of the step on fake tensors, CUDA autocast policy (no GPU)"
+        budget = (budget_gb or DEFAULT_BUDGET_GB) * GIB
+        measure = partial(estimate_step_memory, vae_config, resolution, options=options)
+
+    @functools.cache  # the table's batches come up again in the search for the largest batch
+    def peak(batch_size: int, checkpointing: bool) -> int | None:
+        try:
+            return measure(batch_size, gradient_checkpointing=checkpointing)["peak_bytes"] + ema_bytes
+        except torch.OutOfMemoryError:
+            return None
+
+    rows = [
+        {"batch_size": batch, "gradient_checkpointing": checkpointing, "peak_gib": _gib(peak(batch, checkpointing))}
+        for checkpointing in (False, True)
+        for batch in MEMORY_BATCHES
+    ]
+    largest = {
+        f"gradient_checkpointing_{'on' if checkpointing else 'off'}": largest_batch(
+            lambda batch, checkpointing=checkpointing: (peak(batch, checkpointing) or budget + 1) <= budget
+        )
+        for checkpointing in (False, True)
+    }
+    return {
+        "method": method,
+        "resolution": resolution,
+        "ema_included": bool(ema_bytes),
+        "rows": rows,
+        "budget_gib": budget / GIB,
+        "largest_batch": largest,
+    }
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else value / GIB
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config:
+    """No trackers, samples, evaluation or checkpoints inside the timed steps."""
+    train = replace(
+        config.train,
+        max_steps=total_steps,
+        report_to="none",
+        sample_every_steps=NEVER,
+        log_every_steps=NEVER,
+        checkpoint_every_steps=None,
+        eval_every_steps=None,
+        push_to_hub=False,
+        resume_from=None,
+    )
+    data = replace(config.data, validation_split=None, validation_fraction=0.0)
+    return replace(config, output_dir=str(scratch), train=train, data=data)
+
+
+def _trainer(config: Config, disc_start: int) -> Trainer:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator at a time
+    GradientState._reset_state()
+    return Trainer(replace(config, loss=replace(config.loss, disc_start_step=disc_start)))
+
+
+def _time_interleaved(trainer: Trainer, warmup: int, disc_on: bool) -> tuple[dict[str, float], dict[str, float]]:
+    """Time the trainer's steps and, between them, one bare step each: paired in time, so a shared
+    machine's slow minutes weigh on both sides alike. The bare step's optimizers (lr 1e-9) clear the
+    gradients they accumulate, so the trainer's next step starts as it would have."""
+    device = trainer.accelerator.device
+    bare = _floor_optimizer_step(trainer, _first_batch(trainer), disc_on)
+    trainer_durations: list[float] = []
+    bare_durations: list[float] = []
+    resumed: list[float] = []
+
+    def after_step(t: Trainer) -> None:
+        if resumed and t.progress.global_step > warmup:
+            trainer_durations.append(_now(device) - resumed[-1])
+        started = _now(device)
+        bare()
+        if t.progress.global_step > warmup:
+            bare_durations.append(_now(device) - started)
+        resumed.append(_now(device))
+
+    trainer.step_callbacks.append(after_step)
+    trainer.train()
+    return _rates(trainer, trainer_durations), _rates(trainer, bare_durations)
+
+
+def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
+    """The unavoidable work of one optimizer step (its accumulated micro-batches), on fresh fused Adam
+    optimizers over the trainer's models."""
+    vae, disc = trainer.vae, trainer.discriminator if disc_on else None
+    fused = {"fused": True} if images.device.type in ("cuda", "cpu") else {}
+    opt_g = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-9, **fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-9, **fused) if disc is not None else None
+    dtype = AUTOCAST_DTYPES.get(trainer.config.train.mixed_precision)
+
+    def autocast():
+        return torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None)
+
+    micro_batch = partial(
+        floor_step,
+        vae,
+        trainer.game,
+        disc,
+        opt_g,
+        opt_d,
+        images,
+        autocast,
+        sample_posterior=trainer.config.model.sample_posterior,
+    )
+    accumulation = trainer.config.train.gradient_accumulation_steps
+
+    def step() -> None:
+        for index in range(accumulation):
+            micro_batch(update=index == accumulation - 1)
+
+    return step
+
+
+def _time_loader(loader, batches: int, workers: int) -> dict[str, float]:
+    """The data pipeline alone, with the configured workers: decode, resize, crop, collate. Timed from the
+    first batch on, so the workers' start-up is left out: the rate a long run sees."""
+    images, started = 0, None
+    for index, batch in enumerate(loader):
+        if started is None:
+            started = time.perf_counter()
+        else:
+            images += len(batch["pixel_values"])
+        if index + 1 >= batches + 1:
+            break
+    if not images:
+        return {"images_per_s": None, "workers": workers, "batches_timed": 0}
+    return {"images_per_s": images / (time.perf_counter() - started), "workers": workers, "batches_timed": index}
+
+
+def loader_section(config: Config, batches: int) -> dict[str, float]:
+    """The training data loader as the trainer builds it, without the trainer (no model is built)."""
+    dataset = image_datasets.training_dataset(config.data, config.seed)
+    loader = batching.build_dataloader(dataset, config.data, config.train.batch_size, config.seed)
+    return _time_loader(loader, batches, config.data.num_workers)
+
+
+def _first_batch(trainer: Trainer) -> torch.Tensor:
+    """The training loader's first images on the device, in the model's range."""
+    return batching.to_model_range(next(iter(trainer.dataloader))["pixel_values"].to(trainer.accelerator.device))
+
+
+def _flops(trainer: Trainer) -> float:
+    """FLOPs of one bare step with the discriminator on (PyTorch's counter: matmuls and convolutions)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _floor_optimizer_step(trainer, _first_batch(trainer), disc_on=trainer.discriminator is not None)()
+    return float(counter.get_total_flops())
+
+
+def _mfu(flops: float, report: dict[str, Any], device: torch.device, peak_tflops: float | None) -> float | None:
+    name = _device_name(device)
+    peak = peak_tflops * 1e12 if peak_tflops else next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peak is None:
+        return None  # an unknown device's peak is not guessed
+    return flops / report["trainer_disc_on"]["s_per_step"] / peak
+
+
+def _rates(trainer: Trainer, durations: list[float]) -> dict[str, float]:
+    """The median step (a shared machine's hiccups move the mean), and the mean for reference."""
+    train = trainer.config.train
+    images = train.batch_size * train.gradient_accumulation_steps * trainer.accelerator.num_processes
+    seconds_per_step = statistics.median(durations)
+    return {
+        "s_per_step": seconds_per_step,
+        "s_per_step_mean": statistics.fmean(durations),
+        "images_per_s": images / seconds_per_step,
+        "steps_timed": len(durations),
+    }
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # timing only: wait for the queued kernels
+    return time.perf_counter()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"cuda_max_allocated": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"process_max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's tables: speed (when measured) and memory (when asked for)."""
+    tables = [f"device: {report['device']}, torch {report['versions']['torch']}, {report['date']}"]
+    if "trainer_disc_off" in report:
+        tables.append(_speed_table(report))
+    elif "data_loader" in report:
+        tables.append(_loader_line(report["data_loader"]))
+    if "memory" in report:
+        tables.append(_memory_table(report["memory"]))
+    return "\n\n".join(tables)
+
+
+def _speed_table(report: dict[str, Any]) -> str:
+    rows = ["| measure | discriminator off | discriminator on |", "| --- | --- | --- |"]
+    for name in ("trainer", "bare"):
+        off, on = report[f"{name}_disc_off"], report[f"{name}_disc_on"]
+        rows.append(
+            f"| {name}: s/step (images/s) | {off['s_per_step']:.4f} ({off['images_per_s']:.1f}) | "
+            f"{on['s_per_step']:.4f} ({on['images_per_s']:.1f}) |"
+        )
+    rows.append(f"| trainer / bare | {report['overhead_disc_off']:.3f} | {report['overhead_disc_on']:.3f} |")
+    mfu = report["mfu_disc_on"]
+    rows.append(f"| MFU | | {'n/a (peak unknown)' if mfu is None else f'{mfu:.1%}'} |")
+    rows.append(f"| data loader images/s | {_rate(report['data_loader'])} | |")
+    return "\n".join(rows)
+
+
+def _loader_line(loader: dict[str, Any]) -> str:
+    return f"data loader: {_rate(loader)} images/s with {loader['workers']} workers"
+
+
+def _rate(loader: dict[str, Any]) -> str:
+    return "n/a (fewer than 2 batches)" if loader["images_per_s"] is None else f"{loader['images_per_s']:.1f}"
+
+
+def _memory_table(memory: dict[str, Any]) -> str:
+    peaks = {(row["batch_size"], row["gradient_checkpointing"]): row["peak_gib"] for row in memory["rows"]}
+    batches = sorted({batch for batch, _ in peaks})
+    rows = [
+        f"peak memory at {memory['resolution']} px, GiB ({memory['method']})",
+        "",
+        "| gradient checkpointing | " + " | ".join(f"batch {batch}" for batch in batches) + " | largest batch |",
+        "| --- |" + " --- |" * (len(batches) + 1),
+    ]
+    for checkpointing in (False, True):
+        state = "on" if checkpointing else "off"
+        cells = [_cell_gib(peaks[batch, checkpointing]) for batch in batches]
+        largest = memory["largest_batch"][f"gradient_checkpointing_{state}"]
+        rows.append(f"| {state} | " + " | ".join(cells) + f" | {largest} (in {memory['budget_gib']:.1f} GiB) |")
+    return "\n".join(rows)
+
+
+def _cell_gib(value: float | None) -> str:
+    return "out of memory" if value is None else f"{value:.2f}"

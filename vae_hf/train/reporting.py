@@ -1,0 +1,117 @@
+"""What a run shows and writes besides its checkpoints: logged scalars, sample PNGs, the exported VAE, Hub
+pushes, the resolved config and the start and end summaries. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from vae_hf.analysis.samples import save_sample
+from vae_hf.config import Config, to_yaml
+from vae_hf.io.export import save_vae
+from vae_hf.io.hub import push_vae_folder
+from vae_hf.models.vae import encoder_fingerprint
+
+LOSSES_SHOWN = ("rec", "kl", "perceptual", "g_adv", "d_loss")
+
+
+class Reporter:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        config: Config,
+        output_dir: Path,
+        encoder_fingerprint: str | None = None,
+    ):
+        self.accelerator = accelerator
+        self.config = config
+        self.output_dir = Path(output_dir)
+        # what a decoder-only fine-tune must never change: checked at every export
+        self.encoder_fingerprint = encoder_fingerprint
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, values: dict[str, float], step: int, bar) -> None:
+        """Scalars to the trackers, the main losses to the progress bar."""
+        self.accelerator.log(values, step=step)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in LOSSES_SHOWN}, refresh=False)
+
+    def write_sample(self, vae: AutoencoderKL, images: torch.Tensor, step: int) -> Path | None:
+        """Reconstructions of `images` as an "original | reconstruction" PNG (main process)."""
+        if not self.is_main:
+            return None
+        path = save_sample(vae, images, self.output_dir / "samples", step)
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        for tracker in self.accelerator.trackers:  # next to the loss curves
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": pixels[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [pixels]}, step=step)
+        return path
+
+    def export(self, exports: dict[Path, AutoencoderKL]) -> None:
+        """Save each VAE as a diffusers folder (main process), after checking that a decoder-only run left the
+        encoder as it was."""
+        if not self.is_main:
+            return
+        for target, vae in exports.items():
+            if self.encoder_fingerprint is not None and encoder_fingerprint(vae) != self.encoder_fingerprint:
+                raise RuntimeError(f"model.train_decoder_only: the encoder of {target.name} changed; not exported")
+            save_vae(vae, target)
+
+    def push(self, step: int) -> None:
+        """Upload vae/ with its model card (main process)."""
+        if not self.is_main:
+            return
+        train = self.config.train
+        url = push_vae_folder(
+            self.output_dir / "vae", train.hub_repo_id, train.hub_private, commit_message=f"vae-hf: step {step}"
+        )
+        print(f"vae-hf: pushed the VAE at step {step} to {url}", flush=True)
+
+    def write_config(self) -> None:
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
+
+    def start(self, total_steps: int, dataset_size: int | None) -> None:
+        if not self.is_main:
+            return
+        train, processes = self.config.train, self.accelerator.num_processes
+        effective = train.batch_size * train.gradient_accumulation_steps * processes
+        size = "streaming" if dataset_size is None else f"{dataset_size} images"
+        print(
+            f"vae-hf: {processes} x {self.accelerator.device.type}, precision {train.mixed_precision}, "
+            f"effective batch {effective} ({train.batch_size} x {train.gradient_accumulation_steps} accumulation x "
+            f"{processes} processes), {total_steps} steps, data: {size}",
+            flush=True,
+        )
+
+    def end(self, step: int, images_skipped: int, validator) -> None:
+        if not self.is_main:
+            return
+        folder = (self.output_dir / "vae").resolve()
+        skipped = f"; {images_skipped} unreadable images skipped" if images_skipped else ""
+        print(
+            f"vae-hf: done after {step} steps{skipped}. VAE saved to {folder}; load it with "
+            f"AutoencoderKL.from_pretrained('{folder}')",
+            flush=True,
+        )
+        if validator.enabled:
+            stats = validator.record.get("latent_stats", {})
+            print(f"vae-hf: held-out scores: {validator.summary()}", flush=True)
+            if "scaling_factor" in stats:
+                print(
+                    f"vae-hf: latent std {stats['std']:.4g} -> scaling_factor {stats['scaling_factor']:.5g} "
+                    f"(in {validator.path}; store it with vae-hf latent-stats --write)",
+                    flush=True,
+                )

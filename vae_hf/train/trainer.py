@@ -1,0 +1,521 @@
+"""The training loop: a VAE and a PatchGAN discriminator on Accelerate, playing the game of `vae_hf.game`.
+
+`Trainer.train()` reads as an outline: for each micro-batch, one generator update and (once the
+discriminator is on) one discriminator update inside `accelerator.accumulate`; after each optimizer
+step, maybe log, maybe write a sample, maybe evaluate or checkpoint; at the end of each epoch and of the
+run, export the VAE and save the state. The trainer owns its parts and passes them what they need:
+`Player`s (one per side of the game), `RunCheckpoints` (saving and resuming), `Reporter` (logs, samples,
+exports, pushes) and `Validator` (held-out scores).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from datasets import IterableDataset
+from diffusers import AutoencoderKL
+from torch import nn
+from tqdm.auto import tqdm
+
+from vae_hf.config import Config, ConfigError, flat_hparams
+from vae_hf.data import datasets as image_datasets
+from vae_hf.data import loader as batching
+from vae_hf.game import Game, autocast
+from vae_hf.io.hub import require_push_access
+from vae_hf.models.discriminator import PatchDiscriminator
+from vae_hf.models.perceptual import build_lpips, require_vgg_weights
+from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
+from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
+from vae_hf.parallel.fsdp import ShardingUnits, gathered
+from vae_hf.train.checkpoint import Checkpointer, RunCheckpoints, TrainingDiverged, model_shape
+from vae_hf.train.ema import EMA
+from vae_hf.train.meter import LossMeter
+from vae_hf.train.player import Player, build_optimizer, build_scheduler
+from vae_hf.train.progress import TrainProgress
+from vae_hf.train.reporting import Reporter
+from vae_hf.train.signals import StopRequest
+from vae_hf.train.validation import Validator
+
+logger = logging.getLogger(__name__)
+
+
+def require_supported_distribution(accelerator: Accelerator, config: Config) -> dict | None:
+    """DDP, FSDP2 and DeepSpeed ZeRO-2 train both players; refuse the launch setups that cannot, before
+    anything is built. Returns the DeepSpeed engines' config under DeepSpeed, else None."""
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise ConfigError("accelerate launch: FSDP needs fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return engine_config(
+        accelerator.state.deepspeed_plugin, config.train, config.optim.max_grad_norm, accelerator.num_processes
+    )
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
+            require_vgg_weights()  # fail in a second, not after the data and models are built
+        if config.train.push_to_hub:
+            require_push_access()  # not after days of training
+        self.accelerator = self._build_accelerator()
+        # TF32: 10-bit mantissa matmuls/convolutions, about 8x the fp32 rate on Ampere+; a global switch
+        torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
+        torch.backends.cudnn.allow_tf32 = config.train.allow_tf32
+        set_seed(config.seed)
+        self.progress = TrainProgress()
+        self._stream_position: dict | None = None  # a resumed stream's loader state, applied on iterating
+        self.stop_request = StopRequest()
+        self.step_callbacks: list = []  # called with the trainer after each optimizer step (benchmarks)
+        self.last_checkpoint_step: int | None = None
+        self.consecutive_nonfinite = 0
+        zero = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self._nonfinite = {"consecutive": zero.clone(), "skipped": zero.clone(), "disc_skipped": zero.clone()}
+        self._build_data()
+        self._build_models()
+        self.checkpointer = Checkpointer(
+            self.accelerator, self.output_dir / "checkpoints", config.train.checkpoints_total_limit
+        )
+        self.checkpoints = RunCheckpoints(
+            self.checkpointer,
+            self.progress,
+            {"vae": self.vae_player, "discriminator": self.disc_player},
+            self._model_shape(),
+            stream_loader=self.dataloader if self.streaming else None,
+        )
+        if config.train.resume_from is not None:
+            self.resume(config.train.resume_from)
+        self.validator = Validator(config, self.accelerator, self.output_dir, resumed=self.progress.global_step > 0)
+        self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint)
+        self.reporter.start(self.total_steps, self.dataset_size)
+
+    # ----------------------------------------------------------------------------------------------
+    # construction
+
+    def _build_accelerator(self) -> Accelerator:
+        config = self.config
+        report_to = {"none": None, "all": "all"}.get(config.train.report_to, config.train.report_to)
+        require_deepspeed_if_launched()
+        # Precision is ours (autocast + one GradScaler per player), so Accelerate runs in "no" mode.
+        accelerator = Accelerator(
+            gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+            mixed_precision="no",
+            log_with=report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        )
+        self.deepspeed_config = require_supported_distribution(accelerator, config)
+        return accelerator
+
+    def _build_data(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        dataset = image_datasets.training_dataset(
+            config.data, config.seed, accelerator.process_index, accelerator.num_processes
+        )
+        self.streaming = isinstance(dataset, IterableDataset)
+        loader = batching.build_dataloader(
+            dataset, config.data, config.train.batch_size, config.seed, pin_memory=accelerator.device.type == "cuda"
+        )
+        # Streaming data is already split by rank (datasets.distributed); only map-style data is sharded here.
+        self.dataloader = loader if self.streaming else accelerator.prepare(loader)
+        self.dataset_size = None if self.streaming else len(dataset)
+        self.reference_images = image_datasets.reference_images(config.data).to(accelerator.device)
+        self.total_steps = self._total_steps()
+
+    def _total_steps(self) -> int:
+        train = self.config.train
+        if train.max_steps is not None:
+            return train.max_steps
+        steps_per_epoch = math.ceil(len(self.dataloader) / train.gradient_accumulation_steps)
+        return train.num_epochs * steps_per_epoch
+
+    def _build_models(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        self.sharding_units = ShardingUnits(getattr(accelerator.state, "fsdp_plugin", None))
+        vae = build_vae(config.model, config.data.resolution)
+        self.lpips = (
+            build_lpips(config.loss.perceptual_pretrained).to(accelerator.device)
+            if config.loss.perceptual_weight > 0
+            else None
+        )
+        self.game = Game(config.loss, self.lpips)
+        if config.train.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
+        self.memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+        vae.to(memory_format=self.memory_format)
+        if self.lpips is not None:
+            self.lpips.to(memory_format=self.memory_format)
+        if config.train.compile:
+            self._compile(vae.encoder, vae.decoder, self.lpips)
+        # What a decoder-only fine-tune must never change: checked again at every export.
+        self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
+        self.vae_player = self._player(VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr)
+        self.ema = EMA(vae, config.train.ema_decay) if config.train.ema_decay is not None else None
+        self.disc_player = None
+        if config.loss.disc_weight > 0:
+            discriminator = PatchDiscriminator(
+                3, config.loss.disc_channels, config.loss.disc_num_layers, config.loss.disc_norm
+            )
+            if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+                discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
+            discriminator.to(memory_format=self.memory_format)
+            if config.train.compile:
+                self._compile(discriminator)
+            self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr)
+
+    def _compile(self, *modules: nn.Module | None) -> None:
+        """Compile in place (`Module.compile`): parameter names, checkpoints and exports stay as in eager mode.
+
+        The parts compiled are the ones that hold the compute; the posterior's sampling (a torch.Generator) and the
+        losses stay eager. The discriminator gets a second graph for its frozen use in the generator loss.
+        """
+        train = self.config.train
+        options = {"mode": train.compile_mode} if train.compile_backend == "inductor" else {}
+        for module in modules:
+            if module is not None:
+                module.compile(backend=train.compile_backend, **options)
+
+    def _player(self, model: nn.Module, lr: float) -> Player:
+        config = self.config
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(trainable, config.optim, lr)
+        if self.deepspeed_config is not None:  # the engine partitions `optimizer`, which the schedule still drives
+            engine = initialize_engine(model, optimizer, self.deepspeed_config)
+            scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
+            return DeepSpeedPlayer(engine, model, optimizer, scheduler)  # the engine clips and has no GradScaler
+        self.sharding_units.select_for(model)
+        prepared, optimizer = self.accelerator.prepare(model, optimizer)
+        scaler = torch.amp.GradScaler(self.accelerator.device.type) if config.train.mixed_precision == "fp16" else None
+        return Player(
+            prepared,
+            model,
+            optimizer,
+            build_scheduler(optimizer, config.optim, self.total_steps),
+            scaler,
+            config.optim.max_grad_norm,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # small views
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def vae(self):
+        """The bare AutoencoderKL being trained (training goes through the prepared module). Under FSDP its
+        weights are shards: samples, evaluation and export use `gathered_vae()`."""
+        return self.vae_player.module.vae
+
+    def gathered_vae(self) -> AutoencoderKL:
+        """The VAE as a plain module with all its weights, for samples, evaluation and export: `self.vae`
+        itself, or under FSDP a gathered copy (then every process must call this)."""
+        if not self.accelerator.is_fsdp2:
+            return self.vae
+        vae = AutoencoderKL.from_config(self.vae.config)
+        vae.load_state_dict(gathered(self.vae.state_dict()))
+        return vae.to(self.accelerator.device, memory_format=self.memory_format)
+
+    @property
+    def discriminator(self) -> nn.Module | None:
+        return None if self.disc_player is None else self.disc_player.module
+
+    @property
+    def stop_signal(self) -> str | None:
+        """The signal (SIGTERM, SIGINT) that asked this run to stop, once all processes agree."""
+        return self.stop_request.signal_name
+
+    def preview_vae(self) -> AutoencoderKL:
+        """The weights samples and latent statistics show: the EMA's when EMA is on, else the trained ones
+        (gathered under FSDP, so every process must call this there)."""
+        vae = self.gathered_vae()
+        return vae if self.ema is None else self.ema.copy_of(vae)
+
+    @property
+    def disc_active(self) -> bool:
+        """The reference recipe switches the discriminator on after 15,000 micro-batches, i.e. 3,750 steps of 4."""
+        return self.disc_player is not None and self.progress.global_step >= self.config.loss.disc_start_step
+
+    def autocast(self):
+        return autocast(self.accelerator.device.type, self.config.train.mixed_precision)
+
+    # ----------------------------------------------------------------------------------------------
+    # one micro-batch
+
+    def training_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Generator update, then discriminator update; returns the detached loss breakdown."""
+        disc_active = self.disc_active
+        with self.autocast():
+            reconstructions, posterior = self.vae_player.wrapped(images, generator=self._noise_generator())
+            g_loss, breakdown = self.generator_loss(images, reconstructions, posterior, disc_active)
+        self.vae_player.backward(self.accelerator, g_loss)
+        if self.accelerator.sync_gradients:
+            updated, breakdown["grad_norm"] = self.vae_player.step(self.accelerator)
+            self._count_nonfinite(updated)
+            if self.ema is not None:
+                self.ema.update(self.vae, applied=updated)
+        if disc_active:
+            breakdown.update(self.discriminator_step(images, reconstructions.detach()))
+        return breakdown
+
+    def _noise_generator(self) -> torch.Generator:
+        """Posterior noise from (seed, micro-batch, process), so a resumed run draws what it would have."""
+        seed = image_datasets.sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index)
+        return torch.Generator(self.accelerator.device).manual_seed(seed)
+
+    def generator_loss(self, images, reconstructions, posterior, disc_active: bool):
+        """The game's generator loss; before `loss.disc_start_step` the discriminator is not even run."""
+        return self.game.generator_loss(
+            images,
+            reconstructions,
+            posterior,
+            discriminator=self.discriminator if disc_active else None,
+            last_layer=decoder_last_layer(self.vae),
+            side_gradients=self.vae_player.side_gradients,
+        )
+
+    def discriminator_step(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The discriminator learns on detached reconstructions: none of its loss reaches the VAE."""
+        player = self.disc_player
+        with self.autocast():
+            d_loss, breakdown = self.game.discriminator_loss(player.wrapped, images, reconstructions)
+        player.backward(self.accelerator, d_loss)
+        if self.accelerator.sync_gradients:
+            updated, breakdown["disc_grad_norm"] = player.step(self.accelerator)
+            self._nonfinite["disc_skipped"] += ~updated
+        return breakdown
+
+    def _count_nonfinite(self, updated: torch.Tensor) -> None:
+        """Count skipped (non-finite) VAE updates on the device; `_settle_nonfinite` reads them."""
+        counts = self._nonfinite
+        counts["consecutive"] = (counts["consecutive"] + 1) * ~updated
+        counts["skipped"] += ~updated
+
+    def _settle_nonfinite(self) -> bool:
+        """At log and checkpoint steps only (a host sync): move the counts into the progress; True when
+        the last `train.max_nonfinite_steps` updates all had non-finite gradients."""
+        counts = {name: int(value) for name, value in self._nonfinite.items()}
+        self._nonfinite["skipped"].zero_()
+        self._nonfinite["disc_skipped"].zero_()
+        self.progress.steps_skipped += counts["skipped"]
+        self.progress.disc_steps_skipped += counts["disc_skipped"]
+        self.consecutive_nonfinite = counts["consecutive"]
+        if counts["skipped"]:
+            logger.warning(
+                "%d VAE updates skipped for non-finite gradients (up to step %d; %d in a row now)",
+                counts["skipped"],
+                self.progress.global_step,
+                self.consecutive_nonfinite,
+            )
+        return self.consecutive_nonfinite >= self.config.train.max_nonfinite_steps
+
+    # ----------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> Path:
+        self.reporter.write_config()
+        self.accelerator.init_trackers(self.config.train.tracker_project, config=flat_hparams(self.config))
+        bar = tqdm(total=self.total_steps, initial=self.progress.global_step, disable=not self.is_main, desc="steps")
+        meter = LossMeter()
+        if self.validator.enabled and not self.validator.has_baseline:
+            self.evaluate("baseline")  # the starting model's scores, to read progress against
+        with self.stop_request.listening():
+            while self.progress.global_step < self.total_steps and self.stop_signal is None:
+                if self._train_epoch(bar, meter):
+                    self._end_epoch()
+        bar.close()
+        if self.stop_signal is not None:
+            return self._stop_for_signal()
+        if self.last_checkpoint_step != self.progress.global_step:  # not already saved at this step's epoch end
+            self.save_vae()
+            self.save_checkpoint()
+        if self.validator.enabled:
+            self.evaluate("final")
+            self.validator.latent_statistics(self.preview_vae(), self.progress.global_step)
+        if self.config.train.push_to_hub and not self.config.train.hub_push_every_export:
+            self.push()
+        self.accelerator.end_training()
+        self.reporter.end(self.progress.global_step, self.progress.images_skipped, self.validator)
+        return self.output_dir / "vae"
+
+    def _train_epoch(self, bar, meter: LossMeter) -> bool:
+        """Train until the data runs out (True: the epoch is complete) or the run must stop (False)."""
+        batches, usable = 0, 0
+        for batch in self._epoch_batches():
+            self.progress.batches_in_epoch += 1
+            batches += 1
+            self.progress.images_skipped += batch["num_skipped"]
+            images = batch["pixel_values"]
+            if images.numel() == 0:
+                continue
+            usable += 1
+            images = images.to(self.accelerator.device, non_blocking=True, memory_format=self.memory_format)
+            images = batching.to_model_range(images)  # uint8 from the loader: scaled on the device
+            with self.accelerator.accumulate(self.vae_player.wrapped, *self._disc_models()):
+                breakdown = self.training_step(images)
+            self.progress.micro_step += 1
+            meter.add(breakdown, images.shape[0])
+            if self.accelerator.sync_gradients:
+                self._after_optimizer_step(bar, meter)
+                self.stop_request.synchronize(self.accelerator)
+                if self.progress.global_step >= self.total_steps or self.stop_request.requested:
+                    return False
+        if batches > 0 and usable == 0:
+            raise image_datasets.DataError(
+                f"data.dataset: no usable image in {self.config.data.dataset} "
+                f"({self.progress.images_skipped} unreadable files skipped)"
+            )
+        return True
+
+    def _epoch_batches(self):
+        """This epoch's batches, in an order fixed by (seed, epoch), past the ones already trained on."""
+        loader = self.dataloader
+        if self.streaming:
+            loader.dataset.set_epoch(self.progress.epoch)  # a new shuffle of the stream each epoch
+            if self._stream_position is not None:
+                loader.load_state_dict(self._stream_position)
+                self._stream_position = None
+            return loader
+        loader.dataset.set_epoch(self.progress.epoch)
+        if self.progress.batches_in_epoch > 0:
+            loader = self.accelerator.skip_first_batches(loader, self.progress.batches_in_epoch)
+        loader.set_epoch(self.progress.epoch)
+        return loader
+
+    def _end_epoch(self) -> None:
+        self.progress.epoch += 1
+        self.progress.batches_in_epoch = 0
+        self.save_vae()
+        self.save_checkpoint()
+
+    def _disc_models(self) -> list[nn.Module]:
+        return [] if self.disc_player is None else [self.disc_player.wrapped]
+
+    def _after_optimizer_step(self, bar, meter: LossMeter) -> None:
+        self.progress.global_step += 1
+        for callback in self.step_callbacks:
+            callback(self)
+        self.vae_player.advance_schedule()
+        if self.disc_player is not None:
+            self.disc_player.advance_schedule()
+        bar.update(1)
+        train = self.config.train
+        if self.progress.global_step % train.log_every_steps == 0 or self.progress.global_step == self.total_steps:
+            if self._settle_nonfinite():
+                self._stop_diverged()
+            self.reporter.log(self._logged_values(meter), self.progress.global_step, bar)
+        if self.progress.global_step == 1 or self.progress.global_step % train.sample_every_steps == 0:
+            self.write_sample()
+        if train.eval_every_steps and self.progress.global_step % train.eval_every_steps == 0:
+            self.evaluate("latest")
+        if train.checkpoint_every_steps and self.progress.global_step % train.checkpoint_every_steps == 0:
+            self.save_checkpoint()
+
+    # ----------------------------------------------------------------------------------------------
+    # outputs: what the reporter writes, from the trainer's state
+
+    def _logged_values(self, meter: LossMeter) -> dict[str, float]:
+        """The averaged breakdown since the last log step (`.item()`: a host sync) and the run's counters."""
+        values = meter.flush(self.accelerator.num_processes)
+        values["lr"] = self.vae_player.lr
+        if self.disc_player is not None:
+            values["disc_lr"] = self.disc_player.lr
+        values["images_skipped"] = self.progress.images_skipped
+        values["steps_skipped_nonfinite"] = self.progress.steps_skipped
+        if self.disc_player is not None:
+            values["disc_steps_skipped_nonfinite"] = self.progress.disc_steps_skipped
+        values["epoch"] = self.progress.epoch
+        return values
+
+    def evaluate(self, label: str) -> dict[str, float]:
+        """Held-out scores of the VAE (and of its EMA), logged and recorded in metrics.json."""
+        models = {"eval": self.gathered_vae()}
+        if self.ema is not None:
+            models["eval_ema"] = self.ema.copy_of(models["eval"])
+        values = self.validator.evaluate(models, self.progress.global_step, label)
+        self.accelerator.log(values, step=self.progress.global_step)
+        return values
+
+    def write_sample(self) -> Path | None:
+        """Reconstructions of the reference images, by the EMA weights when EMA is on."""
+        if not (self.is_main or self.accelerator.is_fsdp2):  # sharded weights: every process gathers
+            return None
+        return self.reporter.write_sample(self.preview_vae(), self.reference_images, self.progress.global_step)
+
+    def save_vae(self) -> Path:
+        """Export `vae/` (and `vae_ema/`); pushed too with `train.hub_push_every_export`."""
+        self.accelerator.wait_for_everyone()
+        folder = self.output_dir / "vae"
+        if self.is_main or self.accelerator.is_fsdp2:  # sharded weights: every process gathers
+            exports = {folder: self.gathered_vae()}
+            if self.ema is not None:
+                exports[self.output_dir / "vae_ema"] = self.ema.copy_of(exports[folder])
+            self.reporter.export(exports)
+        if self.config.train.push_to_hub and self.config.train.hub_push_every_export:
+            self.push()
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def push(self) -> None:
+        self.reporter.push(self.progress.global_step)
+
+    # ----------------------------------------------------------------------------------------------
+    # the run's state: saving, resuming, and the two early stops that save first
+
+    def _model_shape(self) -> dict:
+        loss = self.config.loss
+        disc = (
+            None
+            if self.disc_player is None
+            else {"channels": loss.disc_channels, "num_layers": loss.disc_num_layers, "norm": loss.disc_norm}
+        )
+        return model_shape(dict(self.vae.config), disc)
+
+    def save_checkpoint(self) -> Path:
+        self._settle_nonfinite()
+        path = self.checkpoints.save(self.ema)
+        self.last_checkpoint_step = self.progress.global_step
+        return path
+
+    def resume(self, resume_from: str) -> None:
+        resumed = self.checkpoints.resume(resume_from, self.ema, self.vae)
+        if resumed is None:
+            if self.is_main:
+                print(f"vae-hf: no checkpoint in {self.checkpointer.folder} yet; starting a new run", flush=True)
+            return
+        self._stream_position = resumed.stream_position
+        if self.is_main:
+            print(
+                f"vae-hf: resumed from {resumed.path} at step {self.progress.global_step} "
+                f"(epoch {self.progress.epoch}, batch {self.progress.batches_in_epoch})",
+                flush=True,
+            )
+
+    def _stop_diverged(self) -> None:
+        path = self.save_checkpoint()
+        raise TrainingDiverged(
+            f"{self.consecutive_nonfinite} optimizer steps in a row had non-finite gradients "
+            f"(step {self.progress.global_step}); "
+            f"stopped instead of training on garbage. State saved to {path}: lower optim.lr, set optim.max_grad_norm, "
+            f"or use train.mixed_precision=bf16, then resume with train.resume_from=latest"
+        )
+
+    def _stop_for_signal(self) -> Path:
+        path = self.save_checkpoint()
+        self.accelerator.end_training()
+        if self.is_main:
+            print(
+                f"vae-hf: stopped by {self.stop_signal} at step {self.progress.global_step}; state saved to {path}. "
+                f"Resume with: train.resume_from=latest (same config and output_dir)",
+                flush=True,
+            )
+        return path
