@@ -2,8 +2,8 @@
 
 Keys, types and defaults come from the dataclasses themselves (`dataclasses.fields` and an instance of each);
 the descriptions are the string literals that follow each field (attribute docstrings), which only the
-source keeps, so config.py is also parsed with `ast`. Choices are not read from the validation code: the
-docstrings name them, and a field typed with an `Enum` or `Literal` lists its values as well.
+source keeps, so config.py is also parsed with `ast`. A key with a fixed set of values lists them from
+`vae_hf.config.CHOICES`, where validation and the command line read them too.
 
     python docs/generate_config_reference.py          # rewrite the page
     python docs/generate_config_reference.py --check  # exit 1 if the committed page is stale
@@ -137,7 +137,7 @@ def section(prefix: str, cls: type, instance: object | None, docs: dict[str, dic
         if dataclasses.is_dataclass(resolved):
             continue
         description = docs.get(cls.__name__, {}).get(field.name, "")
-        allowed = choices(resolved)
+        allowed = config_module.CHOICES.get(f"{prefix}{field.name}") or choices(resolved)
         if allowed:
             description += f" Choices: {', '.join(f'`{value}`' for value in allowed)}."
         default = yaml_text(default_of(instance, field))
