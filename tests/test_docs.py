@@ -14,8 +14,9 @@ import typing
 
 import pytest
 
-from conftest import ROOT
 from vae_hf.config import Config
+
+from conftest import ROOT
 
 README = ROOT / "README.md"
 DOC_PAGES = sorted((ROOT / "docs").glob("*.md"))
