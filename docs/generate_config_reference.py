@@ -47,7 +47,7 @@ def attribute_docstrings(source: str) -> dict[str, dict[str, str]]:
         if not isinstance(node, ast.ClassDef):
             continue
         fields = docs.setdefault(node.name, {})
-        for statement, following in zip(node.body, node.body[1:]):
+        for statement, following in zip(node.body, node.body[1:], strict=False):
             if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
                 continue
             if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):

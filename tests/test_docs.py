@@ -76,7 +76,7 @@ def config_key_exists(dotted: str) -> bool:
 def overrides_and_config_files(arguments: list[str]) -> tuple[list[str], list[str]]:
     """The `key=value` overrides and `--config FILE` values of a train or bench command line."""
     overrides, files = [], []
-    for previous, token in zip(["", *arguments], arguments):
+    for previous, token in zip(["", *arguments], arguments, strict=False):
         if previous == "--config":
             files.append(token)
         elif "=" in token and not token.startswith("-"):
@@ -86,7 +86,7 @@ def overrides_and_config_files(arguments: list[str]) -> tuple[list[str], list[st
 
 def launcher_config_files(tokens: list[str]) -> list[str]:
     """`--config_file FILE` of `accelerate launch`."""
-    return [token for previous, token in zip(tokens, tokens[1:]) if previous == "--config_file"]
+    return [token for previous, token in zip(tokens, tokens[1:], strict=False) if previous == "--config_file"]
 
 
 def test_configuration_reference_is_generated_from_config_py():
