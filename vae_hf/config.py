@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vae_hf.errors import UserError
@@ -374,8 +374,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file not found: {path}")
     try:
         schema = OmegaConf.structured(Config)
-        from_file = OmegaConf.load(path)
-        from_cli = OmegaConf.from_dotlist(list(overrides or []))
+        from_file = _choices_as_typed(OmegaConf.load(path))
+        from_cli = _choices_as_typed(OmegaConf.from_dotlist(list(overrides or [])))
         merged = OmegaConf.merge(schema, from_file, from_cli)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -385,6 +385,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise
         raise ConfigError(str(error).splitlines()[0]) from None
     return config
+
+
+def _choices_as_typed(values):
+    """Choice values as the user typed them. YAML 1.1 (OmegaConf's YAML, on the command line too) reads `no`,
+    `off`, `false` as False and `yes`, `on`, `true` as True, so `train.mixed_precision=no` (Accelerate's own
+    spelling) would arrive as the string 'False'. A boolean where a choice key expects a name is read back as
+    the choice it spells: False as `no`. Any other boolean is refused, naming the choices."""
+    if not isinstance(values, DictConfig):
+        return values
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(values, key, default=None, throw_on_missing=False)
+        if isinstance(value, bool):
+            if value is False and "no" in choices:
+                OmegaConf.update(values, key, "no", merge=False)
+            else:
+                raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got a yes/no value ({value})")
+    return values
 
 
 def _one_line(error: OmegaConfBaseException) -> str:
