@@ -181,3 +181,25 @@ def test_demo_without_vgg_weights_stops_at_once_naming_the_override(tmp_path):
     assert "loss.perceptual_pretrained=false" in message and "VGG16" in message
     assert time.monotonic() - started < 60
     assert not (tmp_path / "run").exists()
+
+
+def test_the_demo_keeps_a_bounded_number_of_checkpoints_and_resumes_from_the_newest(tmp_path, capsys):
+    """The demo's epochs are 2 steps long: a full state at every epoch's end filled the disk (150 checkpoints).
+    By default the state is saved at an epoch's end only every train.checkpoint_every_minutes, and only the
+    newest train.checkpoints_total_limit are kept; the VAE is still exported at every epoch's end."""
+    from vae_hf.config import load_config
+    from vae_hf.train.trainer import Trainer
+
+    demo = ["loss.perceptual_pretrained=false", "train.report_to=none", "data.resolution=32", "train.max_steps=8"]
+    default = Trainer(load_config(None, [*demo, f"output_dir={tmp_path / 'default'}"]))
+    default.train()
+    assert [path.name for path in default.checkpointer.complete()] == ["checkpoint-8"]  # the run's end only
+    assert "checkpoints: " in capsys.readouterr().out
+
+    every_epoch = [*demo, f"output_dir={tmp_path / 'every'}", "train.checkpoint_every_minutes=0"]
+    trainer = Trainer(load_config(None, every_epoch))
+    trainer.train()
+    kept = [path.name for path in trainer.checkpointer.complete()]
+    assert kept == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]  # epoch ends at 2, 4, 6, 8; newest 3 kept
+    resumed = Trainer(load_config(None, [*every_epoch, "train.max_steps=10", "train.resume_from=latest"]))
+    assert resumed.progress.global_step == 8

@@ -270,9 +270,12 @@ class TrainConfig:
     log_every_steps: int = 10
     """Log the loss breakdown every this many steps (host syncs happen only then)."""
     checkpoint_every_steps: Optional[int] = None
-    """Save the full training state every this many steps (null: only at epoch ends)."""
-    checkpoints_total_limit: Optional[int] = None
-    """Keep at most this many checkpoints (null: keep all)."""
+    """Save the full training state every this many steps (null: only at epoch ends, the end and on a stop)."""
+    checkpoint_every_minutes: float = 10.0
+    """At an epoch's end, save the full state only once this many minutes have passed since the last save (0: at
+    every epoch's end). The VAE itself is exported to vae/ at every epoch's end regardless."""
+    checkpoints_total_limit: Optional[int] = 3
+    """Keep the newest this many checkpoints (null: keep all; each holds the models and both optimizers)."""
     resume_from: Optional[str] = None
     """null, latest, or a checkpoint folder."""
     max_nonfinite_steps: int = 25
@@ -320,6 +323,11 @@ class TrainConfig:
         _require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         if self.checkpoint_every_steps is not None:
             _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1 (or null)")
+        _require(
+            math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0,
+            "train.checkpoint_every_minutes",
+            f"must be >= 0, got {self.checkpoint_every_minutes}",
+        )
         if self.checkpoints_total_limit is not None:
             _require(self.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1 (or null)")
         _require_choice(self.compile_mode, "train.compile_mode")

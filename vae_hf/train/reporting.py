@@ -83,7 +83,7 @@ class Reporter:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
 
-    def start(self, total_steps: int, dataset_size: int | None) -> None:
+    def start(self, total_steps: int, dataset_size: int | None, checkpoints: Path) -> None:
         if not self.is_main:
             return
         train, processes = self.config.train, self.accelerator.num_processes
@@ -95,6 +95,7 @@ class Reporter:
             f"{processes} processes), {total_steps} steps, data: {size}",
             flush=True,
         )
+        print(f"vae-hf: checkpoints: {checkpoints} ({checkpoint_policy(train)})", flush=True)
 
     def end(self, step: int, images_skipped: int, validator) -> None:
         if not self.is_main:
@@ -115,3 +116,15 @@ class Reporter:
                     f"(in {validator.path}; store it with vae-hf latent-stats --write)",
                     flush=True,
                 )
+
+
+def checkpoint_policy(train) -> str:
+    """When the full state is saved and how many checkpoints are kept, in words."""
+    kept = "all kept" if train.checkpoints_total_limit is None else f"newest {train.checkpoints_total_limit} kept"
+    when = []
+    if train.checkpoint_every_steps:
+        when.append(f"every {train.checkpoint_every_steps} steps")
+    minutes = train.checkpoint_every_minutes
+    when.append("at every epoch end" if minutes == 0 else f"at an epoch end once {minutes:g} min have passed")
+    when.append("at the end and on SIGTERM/SIGINT")
+    return f"{kept}; saved {', '.join(when)}"

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, broadcast, set_seed
 from datasets import IterableDataset
 from diffusers import AutoencoderKL
 from torch import nn
@@ -74,6 +75,8 @@ class Trainer:
         self.stop_request = StopRequest()
         self.step_callbacks: list = []  # called with the trainer after each optimizer step (benchmarks)
         self.last_checkpoint_step: int | None = None
+        self.last_checkpoint_time = time.monotonic()  # a run's start counts as saved: its state is its config
+        self.last_export_step: int | None = None
         self.consecutive_nonfinite = 0
         zero = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self._nonfinite = {"consecutive": zero.clone(), "skipped": zero.clone(), "disc_skipped": zero.clone()}
@@ -93,7 +96,7 @@ class Trainer:
             self.resume(config.train.resume_from)
         self.validator = Validator(config, self.accelerator, self.output_dir, resumed=self.progress.global_step > 0)
         self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint)
-        self.reporter.start(self.total_steps, self.dataset_size)
+        self.reporter.start(self.total_steps, self.dataset_size, self.checkpointer.folder)
 
     # ----------------------------------------------------------------------------------------------
     # construction
@@ -335,8 +338,9 @@ class Trainer:
         bar.close()
         if self.stop_signal is not None:
             return self._stop_for_signal()
-        if self.last_checkpoint_step != self.progress.global_step:  # not already saved at this step's epoch end
+        if self.last_export_step != self.progress.global_step:  # not already exported at this step's epoch end
             self.save_vae()
+        if self.last_checkpoint_step != self.progress.global_step:
             self.save_checkpoint()
         if self.validator.enabled:
             self.evaluate("final")
@@ -392,10 +396,20 @@ class Trainer:
         return loader
 
     def _end_epoch(self) -> None:
+        """The VAE is exported at every epoch's end; the full state is saved there only when
+        `train.checkpoint_every_minutes` have passed since the last save (short epochs would fill the disk)."""
         self.progress.epoch += 1
         self.progress.batches_in_epoch = 0
         self.save_vae()
-        self.save_checkpoint()
+        if self._checkpoint_due():
+            self.save_checkpoint()
+
+    def _checkpoint_due(self) -> bool:
+        """Whether enough minutes have passed since the last save, as the main process's clock says: every
+        process takes the same decision (the save is collective)."""
+        minutes = self.config.train.checkpoint_every_minutes
+        due = torch.tensor(float(time.monotonic() - self.last_checkpoint_time >= minutes * 60))
+        return bool(broadcast(due.to(self.accelerator.device), from_process=0).item())
 
     def _disc_models(self) -> list[nn.Module]:
         return [] if self.disc_player is None else [self.disc_player.wrapped]
@@ -460,6 +474,7 @@ class Trainer:
             if self.ema is not None:
                 exports[self.output_dir / "vae_ema"] = self.ema.copy_of(exports[folder])
             self.reporter.export(exports)
+        self.last_export_step = self.progress.global_step
         if self.config.train.push_to_hub and self.config.train.hub_push_every_export:
             self.push()
         self.accelerator.wait_for_everyone()
@@ -484,6 +499,7 @@ class Trainer:
         self._settle_nonfinite()
         path = self.checkpoints.save(self.ema)
         self.last_checkpoint_step = self.progress.global_step
+        self.last_checkpoint_time = time.monotonic()
         return path
 
     def resume(self, resume_from: str) -> None:
