@@ -1,5 +1,8 @@
 """The real entry points, run as a user runs them: `train_autoencoder.py` and `vae-hf train`."""
 
+import json
+import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -9,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import ROOT, tiny_overrides
@@ -155,8 +159,9 @@ def test_missing_dataset_folder_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("vae-hf: error: data.dataset")
 
 
-def test_demo_without_vgg_weights_stops_at_once_naming_the_override(tmp_path):
-    """Offline (as here and in CI) the pretrained LPIPS trunk cannot be fetched: say so, instantly."""
+def test_a_real_recipe_without_vgg_weights_stops_at_once_naming_the_override(tmp_path):
+    """Offline (as here and in CI) the pretrained LPIPS trunk cannot be fetched: a real recipe
+    (loss.perceptual_pretrained: true) says so, instantly."""
     env_home = tmp_path / "torch_home"  # an empty cache, whatever this machine has downloaded
     started = time.monotonic()
     result = subprocess.run(
@@ -166,7 +171,8 @@ def test_demo_without_vgg_weights_stops_at_once_naming_the_override(tmp_path):
             (
                 "import sys, vae_hf.models.perceptual as p;"
                 "p.unreachable_reason = lambda url, timeout_s=5.0: 'cannot reach download.pytorch.org: offline';"
-                "from vae_hf.cli import train_main; sys.exit(train_main([f'output_dir={sys.argv[1]}']))"
+                "from vae_hf.cli import train_main;"
+                "sys.exit(train_main(['--config', 'configs/celebahq_256.yaml', f'output_dir={sys.argv[1]}']))"
             ),
             str(tmp_path / "run"),
         ],
@@ -203,3 +209,31 @@ def test_the_demo_keeps_a_bounded_number_of_checkpoints_and_resumes_from_the_new
     assert kept == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]  # epoch ends at 2, 4, 6, 8; newest 3 kept
     resumed = Trainer(load_config(None, [*every_epoch, "train.max_steps=10", "train.resume_from=latest"]))
     assert resumed.progress.global_step == 8
+
+
+def test_the_readmes_first_command_trains_the_demo_offline_from_a_fresh_clone(tmp_path):
+    """The README's first command, as printed, in a fresh clone, with no network and no cached VGG weights:
+    the demo trains with a random LPIPS trunk, says so, and records the choice. VAE_HF_OVERRIDES caps the
+    run at 2 steps (the command itself is unchanged); `pip install -e .` already ran for this environment."""
+    readme = (ROOT / "README.md").read_text()
+    first = readme.split("```bash\n", 1)[1].splitlines()[0]
+    install, command = (part.strip() for part in first.split("&&"))
+    assert install == "pip install -e ."
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--local", str(ROOT), str(clone)], check=True, timeout=120)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_HOME": str(tmp_path / "torch_home"),  # no cached VGG16 weights, whatever this machine has
+        "VAE_HF_OVERRIDES": "train.max_steps=2",
+    }
+    result = subprocess.run(shlex.split(command), cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "overrides from VAE_HF_OVERRIDES: train.max_steps=2" in result.stderr
+    assert "LPIPS uses a RANDOM VGG16 trunk" in result.stderr and "offline mode is on" in result.stderr
+    run = clone / "outputs" / "demo"
+    assert (run / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run / "samples").is_dir()
+    assert yaml.safe_load((run / "config.yaml").read_text())["loss"]["perceptual_pretrained"] is False
+    trunk = json.loads((run / "metrics.json").read_text())["perceptual_trunk"]
+    assert trunk["requested"] == "auto" and trunk["pretrained"] is False and "HF_HUB_OFFLINE" in trunk["reason"]

@@ -91,3 +91,24 @@ def test_unknown_kinds_are_refused():
         generator_adversarial_loss(LOGITS_FAKE, "wgan")
     with pytest.raises(ValueError):
         kl_loss(torch.zeros(1), torch.zeros(1), "max")
+
+
+def test_perceptual_auto_is_decided_by_the_cache_the_offline_switch_and_the_network(tmp_path, monkeypatch):
+    import vae_hf.models.perceptual as perceptual
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(perceptual, "unreachable_reason", lambda url, timeout_s=5.0: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    assert perceptual.resolve_pretrained(True) == (True, None) and perceptual.resolve_pretrained(False) == (False, None)
+    assert perceptual.resolve_pretrained(None) == (True, None)  # downloadable
+    monkeypatch.setattr(perceptual, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach it: offline")
+    pretrained, reason = perceptual.resolve_pretrained(None)
+    assert not pretrained and "cannot be downloaded (cannot reach it: offline)" in reason
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pretrained, reason = perceptual.resolve_pretrained(None)
+    assert not pretrained and "offline mode is on" in reason
+    cached = perceptual.vgg_weights_path()
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"weights")
+    assert perceptual.resolve_pretrained(None) == (True, None)  # cached wins, offline or not

@@ -172,8 +172,10 @@ class LossConfig:
     """mean: mean over all latent elements (the reference recipe); sum: summed per sample, batch mean (LDM)."""
     perceptual_weight: float = 1.0
     """Weight of LPIPS (0 switches it off)."""
-    perceptual_pretrained: bool = True
-    """Pretrained VGG trunk for LPIPS; false: random trunk, no download (offline tests only)."""
+    perceptual_pretrained: Optional[bool] = True
+    """Pretrained VGG trunk for LPIPS: true (stop at once when its weights cannot be had), false (a random trunk,
+    no download: for tests, not a real perceptual loss), or auto (pretrained when cached or downloadable, else a
+    random trunk with a warning; the choice is recorded in config.yaml and metrics.json)."""
     disc_weight: float = 0.5
     """Weight of the generator's adversarial term."""
     disc_loss_weight: float = 0.5
@@ -396,12 +398,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _choices_as_typed(values):
-    """Choice values as the user typed them. YAML 1.1 (OmegaConf's YAML, on the command line too) reads `no`,
-    `off`, `false` as False and `yes`, `on`, `true` as True, so `train.mixed_precision=no` (Accelerate's own
-    spelling) would arrive as the string 'False'. A boolean where a choice key expects a name is read back as
-    the choice it spells: False as `no`. Any other boolean is refused, naming the choices."""
+    """Choice values as the user typed them, and `auto` for the LPIPS trunk (None until training decides).
+
+    YAML 1.1 (OmegaConf's YAML, on the command line too) reads `no`, `off`, `false` as False and `yes`, `on`,
+    `true` as True, so `train.mixed_precision=no` (Accelerate's own spelling) would arrive as the string 'False'.
+    A boolean where a choice key expects a name is read back as the choice it spells (False as `no`); any other
+    boolean is refused, naming the choices."""
     if not isinstance(values, DictConfig):
         return values
+    if OmegaConf.select(values, "loss.perceptual_pretrained", default=None) == "auto":
+        OmegaConf.update(values, "loss.perceptual_pretrained", None, merge=False)  # decided when training starts
     for key, choices in CHOICES.items():
         value = OmegaConf.select(values, key, default=None, throw_on_missing=False)
         if isinstance(value, bool):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 
 from vae_hf.config import load_config
 
@@ -17,9 +20,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+ENV_OVERRIDES = "VAE_HF_OVERRIDES"
+
+
+def environment_overrides() -> list[str]:
+    """`key=value` items from VAE_HF_OVERRIDES (space-separated), applied after the command line's: a scheduler
+    or CI job can cap or redirect a run without editing the command. Announced, never silent."""
+    text = os.environ.get(ENV_OVERRIDES, "").strip()
+    if not text:
+        return []
+    items = shlex.split(text)
+    print(f"vae-hf: overrides from {ENV_OVERRIDES}: {' '.join(items)}", file=sys.stderr, flush=True)
+    return items
+
+
 def run_train(config_path: str | None, overrides: list[str]) -> int:
     """Parse and check the whole config before building anything, then train."""
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, [*overrides, *environment_overrides()])
     from vae_hf.train.trainer import Trainer  # imported here: seconds of torch/diffusers imports
 
     trainer = Trainer(config)

@@ -16,7 +16,7 @@ import lpips
 import torch
 import torchvision
 
-from vae_hf.offline import OfflineError, unreachable_reason
+from vae_hf.offline import OfflineError, hub_offline_mode, unreachable_reason
 
 VGG_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
 
@@ -37,6 +37,22 @@ def require_vgg_weights() -> None:
             f"{vgg_weights_path()} and cannot be downloaded ({reason}); put the file there, or run offline "
             f"with loss.perceptual_pretrained=false (random VGG trunk: for tests only, not a real perceptual loss)"
         )
+
+
+def resolve_pretrained(requested: bool | None) -> tuple[bool, str | None]:
+    """`loss.perceptual_pretrained` as a decision: true and false stand; `auto` (None) is the pretrained trunk when
+    its weights are cached or can be downloaded, else a random trunk. Returns (pretrained, why the random trunk
+    was chosen, or None)."""
+    if requested is not None:
+        return requested, None
+    if vgg_weights_path().is_file():
+        return True, None
+    if hub_offline_mode():
+        return False, f"offline mode is on (HF_HUB_OFFLINE) and they are not cached at {vgg_weights_path()}"
+    reason = unreachable_reason(VGG_WEIGHTS.url)
+    if reason is None:
+        return True, None
+    return False, f"they are not cached at {vgg_weights_path()} and cannot be downloaded ({reason})"
 
 
 def build_lpips(pretrained: bool = True) -> lpips.LPIPS:

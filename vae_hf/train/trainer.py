@@ -29,7 +29,7 @@ from vae_hf.data import loader as batching
 from vae_hf.game import Game, autocast
 from vae_hf.io.hub import require_push_access
 from vae_hf.models.discriminator import PatchDiscriminator
-from vae_hf.models.perceptual import build_lpips, require_vgg_weights
+from vae_hf.models.perceptual import VGG_WEIGHTS, build_lpips, require_vgg_weights, resolve_pretrained
 from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 from vae_hf.parallel.fsdp import ShardingUnits, gathered
@@ -61,6 +61,7 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.output_dir = Path(config.output_dir)
+        self.perceptual_choice = self._decide_perceptual_trunk()
         if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
             require_vgg_weights()  # fail in a second, not after the data and models are built
         if config.train.push_to_hub:
@@ -95,11 +96,30 @@ class Trainer:
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
         self.validator = Validator(config, self.accelerator, self.output_dir, resumed=self.progress.global_step > 0)
+        if self.perceptual_choice is not None:
+            self.validator.note("perceptual_trunk", self.perceptual_choice)
         self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint)
         self.reporter.start(self.total_steps, self.dataset_size, self.checkpointer.folder)
 
     # ----------------------------------------------------------------------------------------------
     # construction
+
+    def _decide_perceptual_trunk(self) -> dict | None:
+        """`loss.perceptual_pretrained: auto` becomes true or false here, before anything is built; the config
+        then holds the decision (config.yaml records it) and the returned note goes to metrics.json."""
+        loss = self.config.loss
+        if loss.perceptual_pretrained is not None:
+            return None
+        loss.perceptual_pretrained, reason = resolve_pretrained(None)
+        if reason is not None:
+            logger.warning(
+                "loss.perceptual_pretrained=auto: LPIPS uses a RANDOM VGG16 trunk, because the pretrained weights "
+                "are needed and %s. The perceptual loss is then not a real perceptual loss (fine for trying the "
+                "tool). To use the real one, run once with internet access, or put %s there.",
+                reason,
+                VGG_WEIGHTS.url,
+            )
+        return {"requested": "auto", "pretrained": loss.perceptual_pretrained, "reason": reason}
 
     def _build_accelerator(self) -> Accelerator:
         config = self.config

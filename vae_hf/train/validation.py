@@ -75,6 +75,11 @@ class Validator:
         self._write()
         return self.record["latent_stats"]
 
+    def note(self, name: str, value: Any) -> None:
+        """Record a fact about the run in metrics.json (main process), e.g. how `auto` settings were decided."""
+        self.record[name] = value
+        self._write()
+
     def summary(self) -> str:
         """One line per recorded evaluation, for the end-of-run message."""
         lines = []
@@ -87,6 +92,7 @@ class Validator:
 
     def _write(self) -> None:
         if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             staging = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
             staging.write_text(json.dumps(self.record, indent=2, default=str))
             os.replace(staging, self.path)
