@@ -122,3 +122,33 @@ def test_a_no_spelled_as_yaml_false_is_no_and_a_yes_is_refused(typed):
     assert load_config(None, [f"train.mixed_precision={typed}"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="train.report_to: must be one of tensorboard, wandb, all, none"):
         load_config(None, ["train.report_to=yes"])
+
+
+@pytest.mark.parametrize(
+    "overrides, key, hint",
+    [
+        (["loss.adaptive_disc_weight=true", "loss.disc_weight=0"], "loss.adaptive_disc_weight", "loss.disc_weight"),
+        (["train.hub_push_every_export=true"], "train.hub_push_every_export", "train.push_to_hub"),
+        (["train.eval_every_steps=100"], "train.eval_every_steps", "data.validation_fraction"),
+        (["model.pretrained=some/vae", "model.block_out_channels=[64,128]"], "model.block_out_channels", "pretrained"),
+        (["model.pretrained=some/vae", "model.latent_channels=16"], "model.latent_channels", "pretrained"),
+    ],
+)
+def test_keys_that_contradict_each_other_are_refused_at_start(overrides, key, hint, tmp_path):
+    """sd_vae_ft_mse.yaml with data.validation_fraction=0 crashed after N steps; the others were silently ignored."""
+    defaults = tmp_path / "defaults.yaml"  # no key set: only what the test gives
+    defaults.write_text("{}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(defaults, overrides)
+    message = str(error.value)
+    assert message.startswith(key) and hint in message and "\n" not in message
+    # and the same keys are accepted once consistent
+    assert load_config(defaults, ["loss.adaptive_disc_weight=true", "loss.disc_weight=0.5"]).loss.adaptive_disc_weight
+    assert load_config(defaults, ["train.eval_every_steps=9", "data.validation_fraction=0.1"]).train.eval_every_steps
+    assert load_config(defaults, ["model.pretrained=some/vae"]).model.pretrained == "some/vae"
+
+
+def test_sd_vae_ft_mse_without_held_out_images_is_refused_at_start():
+    recipe = ROOT / "configs" / "sd_vae_ft_mse.yaml"
+    with pytest.raises(ConfigError, match="data.validation_split"):
+        load_config(recipe, ["data.validation_fraction=0"])

@@ -217,3 +217,16 @@ def test_export_command_with_a_missing_model_exits_2_with_one_line(tmp_path: Pat
     stderr = capsys.readouterr().err.strip()
     assert stderr.startswith("vae-hf: error:") and "\n" not in stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_single_file_without_our_header_gets_ldms_training_size(tmp_path):
+    """A file from elsewhere carries no diffusers config: its sample_size (what latent-stats and interpolate
+    crop to by default) is 256, LDM's training size, not diffusers' default 32; a header's value still wins."""
+    from vae_hf.io.single_file import ldm_state_dict
+
+    vae = conftest_tiny_vae(sample_size=64)
+    bare = tmp_path / "elsewhere.safetensors"
+    save_file({k: v.contiguous() for k, v in ldm_state_dict(vae.state_dict()).items()}, bare)
+    assert load_vae(str(bare)).config.sample_size == 256
+    ours = save_single_file(vae, tmp_path / "ours.safetensors")
+    assert load_vae(str(ours)).config.sample_size == 64

@@ -54,6 +54,10 @@ def _require_choice(value: str, key: str) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
 
 
+# What a fresh VAE is built from; a pretrained VAE brings its own.
+ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+
+
 @dataclass
 class ModelConfig:
     pretrained: Optional[str] = None
@@ -366,6 +370,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _require(bool(self.output_dir), "output_dir", "must not be empty")
+        self._require_consistent()
         if self.model.pretrained is None:
             factor = self.model.downsample_factor
             _require(
@@ -375,6 +380,34 @@ class Config:
             )
         if self.data.streaming:
             _require(self.train.max_steps is not None, "train.max_steps", "must be set when data.streaming=true")
+
+    def _require_consistent(self) -> None:
+        """Keys that mean nothing, or fail hours later, given the others: refused now, in one line."""
+        loss, train, data = self.loss, self.train, self.data
+        _require(
+            not (loss.adaptive_disc_weight and loss.disc_weight == 0),
+            "loss.adaptive_disc_weight",
+            "scales the adversarial term, but loss.disc_weight is 0 (no discriminator); set one or the other",
+        )
+        _require(
+            not (train.hub_push_every_export and not train.push_to_hub),
+            "train.hub_push_every_export",
+            "needs train.push_to_hub=true (and train.hub_repo_id)",
+        )
+        _require(
+            train.eval_every_steps is None or data.validation_split is not None or data.validation_fraction > 0,
+            "train.eval_every_steps",
+            "needs held-out images: set data.validation_fraction (e.g. 0.01) or data.validation_split",
+        )
+        if self.model.pretrained is not None:
+            defaults = ModelConfig()
+            for key in ARCHITECTURE_KEYS:
+                _require(
+                    getattr(self.model, key) == getattr(defaults, key),
+                    f"model.{key}",
+                    f"has no effect with model.pretrained={self.model.pretrained} (the architecture is the "
+                    "pretrained VAE's); remove it",
+                )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

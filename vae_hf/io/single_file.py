@@ -35,6 +35,7 @@ WRAPPER_PREFIXES = (LDM_PREFIX, "vae.")
 """Prefixes under which a bigger checkpoint nests the VAE; diffusers' converter accepts the same two."""
 TRAINING_LEFTOVERS = ("loss.", "model_ema.")
 """LDM training checkpoints also hold the discriminator/LPIPS (`loss.`) and EMA buffers: not part of the VAE."""
+LDM_SAMPLE_SIZE = 256
 LDM_NORM_GROUPS = 32
 """LDM's `Normalize()` hard-codes GroupNorm(32, C); the shapes cannot tell, so files without our metadata get 32."""
 DTYPES = {name: getattr(torch, dtype) for name, dtype in WEIGHT_DTYPES.items()}
@@ -197,6 +198,8 @@ def infer_vae_config(ldm: Mapping[str, torch.Tensor], header_config: Mapping[str
         "use_post_quant_conv": "post_quant_conv.weight" in ldm,
         "mid_block_add_attention": "encoder.mid.attn_1.q.weight" in ldm,
         "norm_num_groups": LDM_NORM_GROUPS,
+        # LDM's and Stable Diffusion's training size; diffusers' default (32) would make tools crop to 32 px
+        "sample_size": LDM_SAMPLE_SIZE,
     }
     config.update({key: value for key, value in header_config.items() if key in CARRIED_CONFIG})
     return config
