@@ -553,3 +553,29 @@ def test_the_benchmark_floor_plays_the_trainers_game(image_folder, tmp_path, app
     trained = [p for p in vae.parameters() if p.requires_grad]
     assert_same_float64_gradients([p.grad for p in trained], vae_grads)
     assert_same_float64_gradients([p.grad for p in discriminator.parameters()], disc_grads)
+
+
+def test_the_discriminators_schedule_starts_when_it_starts_playing(image_folder, tmp_path, monkeypatch):
+    """Its warm-up ran from step 0 before, so it was used up before loss.disc_start_step."""
+    from vae_hf.train.player import Player
+
+    rates = {"vae": [], "discriminator": []}
+    real_step = Player.step
+
+    def recording_step(player, accelerator):
+        name = "discriminator" if player.module is trainer.discriminator else "vae"
+        rates[name].append(player.lr)
+        return real_step(player, accelerator)
+
+    monkeypatch.setattr(Player, "step", recording_step)
+    overrides = {
+        "loss.disc_start_step": 2,
+        "optim.warmup_steps": 2,
+        "optim.lr": 1e-3,
+        "optim.disc_lr": 2e-3,
+        "train.max_steps": 5,
+    }
+    trainer = build(image_folder, tmp_path, **overrides)
+    trainer.train()
+    assert rates["vae"] == pytest.approx([0.0, 0.5e-3, 1e-3, 1e-3, 1e-3])
+    assert rates["discriminator"] == pytest.approx([0.0, 1e-3, 2e-3])  # steps 3-5: its own warm-up

@@ -97,8 +97,8 @@ class Player:
         return contextlib.nullcontext()
 
     def advance_schedule(self) -> None:
-        """One scheduler step per optimizer step of the run, whether or not this player updated."""
+        """One scheduler step per optimizer step this player takes part in, whether or not it updated."""
         with warnings.catch_warnings():
-            # the discriminator's schedule advances before it first steps (it starts late)
+            # a step skipped for non-finite gradients still advances the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)`")
             self.scheduler.step()

@@ -180,7 +180,9 @@ class Trainer:
             self._compile(vae.encoder, vae.decoder, self.lpips)
         # What a decoder-only fine-tune must never change: checked again at every export.
         self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
-        self.vae_player = self._player(VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr)
+        self.vae_player = self._player(
+            VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr, self.total_steps
+        )
         self.ema = EMA(vae, config.train.ema_decay) if config.train.ema_decay is not None else None
         self.disc_player = None
         if config.loss.disc_weight > 0:
@@ -192,7 +194,9 @@ class Trainer:
             discriminator.to(memory_format=self.memory_format)
             if config.train.compile:
                 self._compile(discriminator)
-            self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr)
+            # its schedule (warm-up, decay) runs over the steps it plays, from loss.disc_start_step to the end
+            disc_steps = max(self.total_steps - config.loss.disc_start_step, 1)
+            self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr, disc_steps)
 
     def _compile(self, *modules: nn.Module | None) -> None:
         """Compile in place (`Module.compile`): parameter names, checkpoints and exports stay as in eager mode.
@@ -206,13 +210,13 @@ class Trainer:
             if module is not None:
                 module.compile(backend=train.compile_backend, **options)
 
-    def _player(self, model: nn.Module, lr: float) -> Player:
+    def _player(self, model: nn.Module, lr: float, schedule_steps: int) -> Player:
         config = self.config
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(trainable, config.optim, lr)
         if self.deepspeed_config is not None:  # the engine partitions `optimizer`, which the schedule still drives
             engine = initialize_engine(model, optimizer, self.deepspeed_config)
-            scheduler = build_scheduler(optimizer, config.optim, self.total_steps)
+            scheduler = build_scheduler(optimizer, config.optim, schedule_steps)
             return DeepSpeedPlayer(engine, model, optimizer, scheduler)  # the engine clips and has no GradScaler
         self.sharding_units.select_for(model)
         prepared, optimizer = self.accelerator.prepare(model, optimizer)
@@ -221,7 +225,7 @@ class Trainer:
             prepared,
             model,
             optimizer,
-            build_scheduler(optimizer, config.optim, self.total_steps),
+            build_scheduler(optimizer, config.optim, schedule_steps),
             scaler,
             config.optim.max_grad_norm,
         )
@@ -439,8 +443,8 @@ class Trainer:
         for callback in self.step_callbacks:
             callback(self)
         self.vae_player.advance_schedule()
-        if self.disc_player is not None:
-            self.disc_player.advance_schedule()
+        if self.disc_player is not None and self.progress.global_step > self.config.loss.disc_start_step:
+            self.disc_player.advance_schedule()  # only for the steps it played
         bar.update(1)
         train = self.config.train
         if self.progress.global_step % train.log_every_steps == 0 or self.progress.global_step == self.total_steps:
