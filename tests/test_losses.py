@@ -112,3 +112,25 @@ def test_perceptual_auto_is_decided_by_the_cache_the_offline_switch_and_the_netw
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"weights")
     assert perceptual.resolve_pretrained(None) == (True, None)  # cached wins, offline or not
+
+
+def test_the_adaptive_weight_in_fp16_is_taken_on_scaled_losses():
+    """Per-pixel gradients of ~1e-8 are zero in fp16: unscaled, the weight is noise or 0. Taken on the losses
+    as fp16's GradScaler scales them, it equals the fp32 weight within 1%."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 3, 3, padding=1)
+    features, target = torch.randn(2, 8, 16, 16), torch.randn(2, 3, 16, 16)
+
+    def weight(half: bool, loss_scale=None) -> float:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=half):
+            out = conv(features)
+        nll = 1e-5 * reconstruction_loss(out, target)  # d/d(out) ~ 1e-8 per element
+        g_adv = 1e-5 * -out.float().mean()
+        return adaptive_disc_weight(nll, g_adv, conv.weight, max_weight=1e4, loss_scale=loss_scale).item()
+
+    exact = weight(half=False)
+    assert 1e-3 < exact < 1e4  # a real ratio, not the clamp
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert weight(half=True, loss_scale=scaler.scale) == pytest.approx(exact, rel=0.01)
+    unscaled = weight(half=True)  # control: what it was before
+    assert unscaled != pytest.approx(exact, rel=0.01)

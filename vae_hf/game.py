@@ -81,12 +81,14 @@ class Game:
         discriminator: nn.Module | None = None,
         last_layer: torch.Tensor | None = None,
         side_gradients: Callable[[torch.Tensor], AbstractContextManager] = no_side_effects,
+        loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss and its detached breakdown.
 
         `discriminator=None` is a step before `loss.disc_start_step`: the discriminator is not even run.
         `last_layer` is the decoder weight the adaptive weight measures gradients on; `side_gradients`
-        wraps that measurement for a launch setup that hooks the reconstructions (DeepSpeed).
+        wraps that measurement for a launch setup that hooks the reconstructions (DeepSpeed); `loss_scale` is
+        fp16's gradient scaling, applied to that measurement so that its gradients do not underflow.
         """
         loss = self.loss
         zero = images.new_zeros((), dtype=torch.float32)
@@ -104,7 +106,9 @@ class Game:
             disc_weight = zero + loss.disc_weight
             if loss.adaptive_disc_weight:
                 with side_gradients(reconstructions):
-                    disc_weight = disc_weight * adaptive_disc_weight(nll, g_adv, last_layer, loss.adaptive_weight_max)
+                    disc_weight = disc_weight * adaptive_disc_weight(
+                        nll, g_adv, last_layer, loss.adaptive_weight_max, loss_scale
+                    )
             g_loss = g_loss + disc_weight * g_adv
         breakdown = {
             "rec": rec,

@@ -7,6 +7,8 @@ the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -75,14 +77,21 @@ def adaptive_disc_weight(
     g_adv_loss: torch.Tensor,
     last_layer: torch.Tensor,
     max_weight: float = 1e4,
+    loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """LDM's adaptive weight (Esser et al. 2021, eq. 7): ||grad nll|| / (||grad adv|| + 1e-4).
 
     Both gradients are taken with respect to the decoder's last layer only, so the adversarial term
     is scaled to pull on the decoder as hard as the reconstruction terms do. The weight is detached:
     it scales the loss, it is not itself optimised.
+
+    `loss_scale` is fp16's gradient scaling (`GradScaler.scale`): per-pixel gradients of 1e-6..1e-7 are fp16
+    subnormals or zero, so both losses are scaled before differentiating, and the 1e-4 with them; the ratio
+    is the same, without the underflow.
     """
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_adv_loss, last_layer, retain_graph=True)[0]
-    weight = at_least_fp32(nll_grads).norm() / (at_least_fp32(g_grads).norm() + 1e-4)
+    scale = loss_scale if loss_scale is not None else (lambda loss: loss)
+    nll_grads = torch.autograd.grad(scale(nll_loss), last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(scale(g_adv_loss), last_layer, retain_graph=True)[0]
+    epsilon = 1e-4 * scale(torch.ones((), device=nll_grads.device))
+    weight = at_least_fp32(nll_grads).norm() / (at_least_fp32(g_grads).norm() + epsilon)
     return weight.clamp(0.0, max_weight).detach()

@@ -308,6 +308,7 @@ class Trainer:
             discriminator=self.discriminator if disc_active else None,
             last_layer=decoder_last_layer(self.vae),
             side_gradients=self.vae_player.side_gradients,
+            loss_scale=None if self.vae_player.scaler is None else self.vae_player.scaler.scale,
         )
 
     def discriminator_step(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
