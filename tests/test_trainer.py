@@ -579,3 +579,22 @@ def test_the_discriminators_schedule_starts_when_it_starts_playing(image_folder,
     trainer.train()
     assert rates["vae"] == pytest.approx([0.0, 0.5e-3, 1e-3, 1e-3, 1e-3])
     assert rates["discriminator"] == pytest.approx([0.0, 1e-3, 2e-3])  # steps 3-5: its own warm-up
+
+
+def test_a_learnable_logvar_trains_with_the_vae_and_is_not_exported(image_folder, tmp_path):
+    trainer = build(image_folder, tmp_path, **{"loss.learn_logvar": "true", "loss.disc_weight": 0})
+    logvar = trainer.vae_player.module.logvar
+    assert any(p is logvar for p in trainer.vae_player.parameters)  # in the VAE's optimizer
+    trainer.train()
+    assert logvar.item() != 0.0
+    exported = tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(exported, "pt") as weights:
+        assert not [name for name in weights.keys() if "logvar" in name]
+    resumed = build(
+        image_folder,
+        tmp_path,
+        **{"loss.learn_logvar": "true", "loss.disc_weight": 0, "train.resume_from": "latest", "train.max_steps": 3},
+    )
+    assert resumed.vae_player.module.logvar.item() == logvar.item()

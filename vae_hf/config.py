@@ -36,6 +36,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 CHOICES: dict[str, tuple[str, ...]] = {
     "loss.reconstruction": ("l2", "l1"),
     "loss.kl_reduction": ("mean", "sum"),
+    "loss.reconstruction_reduction": ("mean", "sum"),
     "loss.disc_loss": ("lsgan", "hinge", "vanilla"),
     "loss.disc_norm": ("batch", "none"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
@@ -172,6 +173,13 @@ class LossConfig:
     """Weight of the pixel loss."""
     kl_weight: float = 5e-6
     """Weight of the KL term (reference recipe 5e-6; LDM 1e-6)."""
+    reconstruction_reduction: str = "mean"
+    """How the pixel loss and LPIPS enter the loss: mean over every pixel (the reference recipe), or sum (LDM: the
+    per-pixel loss plus perceptual_weight x LPIPS broadcast to every pixel, summed per image, averaged over the
+    batch: C x H x W times the mean)."""
+    learn_logvar: bool = False
+    """LDM's learnable scalar log-variance: the loss takes (pixel + perceptual) / exp(logvar) + logvar per element,
+    logvar trained with the VAE from 0. LDM declares it, but its optimizer leaves it out, so it stays 0 there."""
     kl_reduction: str = "mean"
     """mean: mean over all latent elements (the reference recipe); sum: summed per sample, batch mean (LDM)."""
     perceptual_weight: float = 1.0
@@ -202,6 +210,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         _require_choice(self.reconstruction, "loss.reconstruction")
         _require_choice(self.kl_reduction, "loss.kl_reduction")
+        _require_choice(self.reconstruction_reduction, "loss.reconstruction_reduction")
         _require_choice(self.disc_loss, "loss.disc_loss")
         _require_choice(self.disc_norm, "loss.disc_norm")
         for key in ("reconstruction_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_loss_weight"):

@@ -82,13 +82,15 @@ class Game:
         last_layer: torch.Tensor | None = None,
         side_gradients: Callable[[torch.Tensor], AbstractContextManager] = no_side_effects,
         loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        logvar: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss and its detached breakdown.
 
         `discriminator=None` is a step before `loss.disc_start_step`: the discriminator is not even run.
         `last_layer` is the decoder weight the adaptive weight measures gradients on; `side_gradients`
         wraps that measurement for a launch setup that hooks the reconstructions (DeepSpeed); `loss_scale` is
-        fp16's gradient scaling, applied to that measurement so that its gradients do not underflow.
+        fp16's gradient scaling, applied to that measurement so that its gradients do not underflow. `logvar` is
+        the learnable log-variance of `loss.learn_logvar` (None without it).
         """
         loss = self.loss
         zero = images.new_zeros((), dtype=torch.float32)
@@ -97,7 +99,7 @@ class Game:
         perceptual = zero
         if self.lpips is not None:
             perceptual = at_least_fp32(perceptual_loss(self.lpips, reconstructions, images))
-        nll = loss.reconstruction_weight * rec + loss.perceptual_weight * perceptual
+        nll = self.nll(loss.reconstruction_weight * rec + loss.perceptual_weight * perceptual, images, logvar)
         g_loss = nll + loss.kl_weight * kl
         g_adv, disc_weight = zero, zero
         if discriminator is not None:
@@ -118,7 +120,19 @@ class Game:
             "disc_weight": disc_weight,
             "g_loss": g_loss,
         }
+        if logvar is not None:
+            breakdown["logvar"] = logvar
         return g_loss, {name: value.detach() for name, value in breakdown.items()}
+
+    def nll(self, per_pixel_mean: torch.Tensor, images: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
+        """The reconstruction side of the loss from its per-pixel mean: as it is (`reconstruction_reduction:
+        mean`), or summed over each image's C x H x W elements (`sum`, LDM), and with a learnable log-variance,
+        per element: value / exp(logvar) + logvar."""
+        elements = images[0].numel() if self.loss.reconstruction_reduction == "sum" else 1
+        nll = per_pixel_mean * elements
+        if logvar is not None:
+            nll = nll / torch.exp(logvar) + logvar * elements
+        return nll
 
     def discriminator_loss(
         self, discriminator: nn.Module, images: torch.Tensor, reconstructions: torch.Tensor

@@ -30,9 +30,11 @@ def reconstruction_loss(reconstructions: torch.Tensor, images: torch.Tensor, kin
 def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, I)) = -0.5 * (1 + logvar - mean^2 - exp(logvar)) per element.
 
-    ``mean`` averages over every latent element (the reference recipe's formula); ``sum`` sums over each sample's
-    latent elements and averages over the batch (LDM's ``DiagonalGaussianDistribution.kl``), which is
-    why LDM's KL weights (1e-6) are far smaller per element than the reference recipe's (5e-6 of a mean).
+    ``mean`` averages over every latent element (the reference recipe's formula); ``sum`` sums over each
+    sample's latent elements and averages over the batch (LDM's ``DiagonalGaussianDistribution.kl``). LDM sums
+    its reconstruction per sample too, so its KL weight (1e-6) weighs a summed KL against a summed
+    reconstruction. A summed KL against a mean reconstruction is C x H x W (2e5 at 256 px) times stronger:
+    express LDM with both ``loss.kl_reduction`` and ``loss.reconstruction_reduction`` set to ``sum``.
     """
     mean, logvar = at_least_fp32(mean), at_least_fp32(logvar)
     per_element = -0.5 * (1 + logvar - mean.pow(2) - logvar.exp())

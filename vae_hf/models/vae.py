@@ -108,10 +108,13 @@ class VAETrainingModule(nn.Module):
     `forward` lets the trainer call the prepared (DDP) module and still see the posterior for the KL.
     """
 
-    def __init__(self, vae: AutoencoderKL, sample_posterior: bool = True):
+    def __init__(self, vae: AutoencoderKL, sample_posterior: bool = True, learn_logvar: bool = False):
         super().__init__()
         self.vae = vae
         self.sample_posterior = sample_posterior
+        # LDM's learnable log-variance of the reconstruction (`loss.learn_logvar`): trained and checkpointed with
+        # the VAE, not part of the exported AutoencoderKL
+        self.logvar = nn.Parameter(torch.zeros(())) if learn_logvar else None
         self.encoder_frozen = not any(p.requires_grad for p in vae.encoder.parameters())
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:

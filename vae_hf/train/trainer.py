@@ -50,6 +50,9 @@ def require_supported_distribution(accelerator: Accelerator, config: Config) -> 
     anything is built. Returns the DeepSpeed engines' config under DeepSpeed, else None."""
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise ConfigError("accelerate launch: FSDP needs fsdp_version: 2 (see configs/accelerate/fsdp.yaml)")
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and config.loss.learn_logvar:
+        raise ConfigError("loss.learn_logvar: runs on one process or under DDP, not FSDP or DeepSpeed")
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
     return engine_config(
@@ -181,7 +184,9 @@ class Trainer:
         # What a decoder-only fine-tune must never change: checked again at every export.
         self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
         self.vae_player = self._player(
-            VAETrainingModule(vae, config.model.sample_posterior), config.optim.lr, self.total_steps
+            VAETrainingModule(vae, config.model.sample_posterior, config.loss.learn_logvar),
+            config.optim.lr,
+            self.total_steps,
         )
         self.ema = EMA(vae, config.train.ema_decay) if config.train.ema_decay is not None else None
         self.disc_player = None
@@ -309,6 +314,7 @@ class Trainer:
             last_layer=decoder_last_layer(self.vae),
             side_gradients=self.vae_player.side_gradients,
             loss_scale=None if self.vae_player.scaler is None else self.vae_player.scaler.scale,
+            logvar=self.vae_player.module.logvar,
         )
 
     def discriminator_step(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -518,7 +524,10 @@ class Trainer:
             if self.disc_player is None
             else {"channels": loss.disc_channels, "num_layers": loss.disc_num_layers, "norm": loss.disc_norm}
         )
-        return model_shape(dict(self.vae.config), disc)
+        shape = model_shape(dict(self.vae.config), disc)
+        if loss.learn_logvar:  # the key only when on, so that checkpoints without it keep resuming
+            shape["learn_logvar"] = True
+        return shape
 
     def save_checkpoint(self) -> Path:
         self._settle_nonfinite()
