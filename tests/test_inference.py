@@ -207,3 +207,43 @@ def test_interpolate_of_a_missing_image_exits_2_with_one_line(tmp_path, vae_fold
                    str(tmp_path / "g.png")])  # fmt: skip
     assert status == 2
     assert "missing.png" in one_error_line(capsys)
+
+
+def tiled_calls(vae, monkeypatch) -> dict[str, int]:
+    calls = {"_tiled_encode": 0, "tiled_decode": 0}
+    for name in calls:
+        monkeypatch.setattr(vae, name, counted(getattr(vae, name), calls, name))
+    return calls
+
+
+def test_without_tile_flags_only_large_images_are_tiled(tmp_path, monkeypatch):
+    """A 2560 x 1600 photograph ran for minutes untiled (attention over every latent position); by default an
+    image above the bound (1 megapixel; 3000 px here) is tiled, a smaller one is not, both at their own size."""
+    import vae_hf.analysis.inference as inference
+
+    monkeypatch.setattr(inference, "AUTO_TILE_PIXELS", 3000)
+    write_images(tmp_path / "in", 1, size=(81, 100), seed=1)  # 8100 px: tiled
+    write_images(tmp_path / "small", 1, size=(40, 48))  # 1920 px: whole
+    vae = tiny_vae()
+    configure_tiling(vae, 32)
+    calls = tiled_calls(vae, monkeypatch)
+    summary = reconstruct_images(vae, tmp_path / "in" / "image_00.png", tmp_path / "out", auto_tile=True)
+    assert calls == {"_tiled_encode": 1, "tiled_decode": 1} and summary.tiled == 1
+    summary = reconstruct_images(vae, tmp_path / "small" / "image_00.png", tmp_path / "out2", auto_tile=True)
+    assert calls == {"_tiled_encode": 1, "tiled_decode": 1} and summary.tiled == 0
+    assert size_of(tmp_path / "out" / "image_00.png") == (100, 80)
+
+
+def test_tile_flags_force_tiling_on_or_off_and_resolution_needs_tiling(tmp_path):
+    folder = tmp_path / "vae"
+    tiny_vae().save_pretrained(folder)
+    write_images(tmp_path / "in", 1, size=(81, 100))
+
+    def reconstruct(out: str, *flags: str) -> int:
+        return main(["reconstruct", "--model", str(folder), "--input", str(tmp_path / "in"), "--out", out, *flags])
+
+    assert reconstruct(str(tmp_path / "a"), "--tile", "--resolution", "32") == 0
+    assert reconstruct(str(tmp_path / "b"), "--no-tile", "--resolution", "32") == 2  # silently ignored before
+    assert not (tmp_path / "b").exists()
+    assert reconstruct(str(tmp_path / "c"), "--no-tile") == 0
+    assert size_of(tmp_path / "a" / "image_00.png") == size_of(tmp_path / "c" / "image_00.png") == (100, 80)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image import FrechetInceptionDistance, StructuralSimilarityIndexMeasure
 
+from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configure_tiling
 from vae_hf.analysis.samples import reconstruct
 from vae_hf.config import CHOICES, DataConfig
 from vae_hf.data.datasets import ImageDataset, ImageTransform, load_image_dataset, require_a_usable_image
@@ -37,6 +39,8 @@ from vae_hf.errors import UserError
 from vae_hf.models.perceptual import build_lpips, require_vgg_weights
 from vae_hf.models.vae import load_vae
 from vae_hf.offline import OfflineError, unreachable_reason
+
+logger = logging.getLogger(__name__)
 
 METRIC_NAMES = CHOICES["train.eval_metrics"]
 
@@ -377,6 +381,11 @@ def load_checked_vae(source: str, resolution: int) -> AutoencoderKL:
     if resolution % factor != 0:
         raise EvaluationError(
             f"--resolution {resolution} is not a multiple of {factor}, the downsampling factor of {source}"
+        )
+    if resolution * resolution > AUTO_TILE_PIXELS:  # as `reconstruct` does: attention grows with area squared
+        configure_tiling(vae, auto_tile_size(vae))
+        logger.warning(
+            "%s: %d px crops are encoded and decoded in %d px tiles", source, resolution, auto_tile_size(vae)
         )
     return vae
 

@@ -34,8 +34,15 @@ def _add_reconstruct(commands) -> None:
     parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
     parser.add_argument("--input", required=True, help="an image, or a folder read recursively")
     parser.add_argument("--out", required=True, help="folder for the PNGs (same relative names)")
-    parser.add_argument("--tile", action="store_true", help="encode/decode images larger than a tile in tiles")
-    parser.add_argument("--resolution", type=int, default=None, help="tile size with --tile (default: sample_size)")
+    parser.add_argument(
+        "--tile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--tile: every image larger than a tile in tiles; --no-tile: none (default: images over 1 megapixel)",
+    )
+    parser.add_argument(
+        "--resolution", type=int, default=None, help="tile size (default: sample_size; 512 px or more when automatic)"
+    )
     parser.add_argument("--save-latents", action="store_true", help="also write <name>.safetensors (mean, logvar)")
     parser.set_defaults(
         run=lambda args: _command("reconstruct", "reconstruct_command")(
