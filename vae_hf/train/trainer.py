@@ -64,12 +64,12 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        self.perceptual_choice = self._decide_perceptual_trunk()
-        if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
-            require_vgg_weights()  # fail in a second, not after the data and models are built
         if config.train.push_to_hub:
             require_push_access()  # not after days of training
         self.accelerator = self._build_accelerator()
+        self.perceptual_choice = self._decide_perceptual_trunk()
+        if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
+            require_vgg_weights()  # fail in a second, not after the data and models are built
         # TF32: 10-bit mantissa matmuls/convolutions, about 8x the fp32 rate on Ampere+; a global switch
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.train.allow_tf32
@@ -109,12 +109,18 @@ class Trainer:
 
     def _decide_perceptual_trunk(self) -> dict | None:
         """`loss.perceptual_pretrained: auto` becomes true or false here, before anything is built; the config
-        then holds the decision (config.yaml records it) and the returned note goes to metrics.json."""
+        then holds the decision (config.yaml records it) and the returned note goes to metrics.json. The main
+        process decides for all: every process trains with the same LPIPS (one that then lacks the pretrained
+        weights stops with the one-line error instead of silently using a random trunk)."""
         loss = self.config.loss
         if loss.perceptual_pretrained is not None:
             return None
-        loss.perceptual_pretrained, reason = resolve_pretrained(None)
-        if reason is not None:
+        pretrained, reason = resolve_pretrained(None)
+        decided = broadcast(torch.tensor(float(pretrained), device=self.accelerator.device), from_process=0)
+        loss.perceptual_pretrained = bool(decided.item())
+        if loss.perceptual_pretrained:
+            reason = None
+        if reason is not None and self.is_main:
             logger.warning(
                 "loss.perceptual_pretrained=auto: LPIPS uses a RANDOM VGG16 trunk, because the pretrained weights "
                 "are needed and %s. The perceptual loss is then not a real perceptual loss (fine for trying the "
