@@ -25,7 +25,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from vae_hf.config import Config
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
-from vae_hf.game import AUTOCAST_DTYPES
 from vae_hf.models.vae import build_vae
 from vae_hf.perf.floor import floor_step
 from vae_hf.perf.memory import (
@@ -213,11 +212,6 @@ def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool)
     fused = {"fused": True} if images.device.type in ("cuda", "cpu") else {}
     opt_g = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-9, **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-9, **fused) if disc is not None else None
-    dtype = AUTOCAST_DTYPES.get(trainer.config.train.mixed_precision)
-
-    def autocast():
-        return torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None)
-
     micro_batch = partial(
         floor_step,
         vae,
@@ -226,7 +220,7 @@ def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool)
         opt_g,
         opt_d,
         images,
-        autocast,
+        trainer.autocast,  # the trainer's own precision, as its steps run
         sample_posterior=trainer.config.model.sample_posterior,
     )
     accumulation = trainer.config.train.gradient_accumulation_steps
