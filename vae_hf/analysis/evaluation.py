@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio
 from torchmetrics.image import FrechetInceptionDistance, StructuralSimilarityIndexMeasure
 
-from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configure_tiling
+from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configure_tiling, downsampling_factor
 from vae_hf.analysis.samples import reconstruct
 from vae_hf.config import CHOICES, DataConfig
 from vae_hf.data.datasets import ImageDataset, ImageTransform, load_image_dataset, require_a_usable_image
@@ -377,16 +377,15 @@ def image_loader(request: EvaluationRequest) -> DataLoader:
 def load_checked_vae(source: str, resolution: int) -> AutoencoderKL:
     """Load a VAE and check that it can downsample the evaluation resolution."""
     vae = load_vae(source, option="--model")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = downsampling_factor(vae)
     if resolution % factor != 0:
         raise EvaluationError(
             f"--resolution {resolution} is not a multiple of {factor}, the downsampling factor of {source}"
         )
     if resolution * resolution > AUTO_TILE_PIXELS:  # as `reconstruct` does: attention grows with area squared
-        configure_tiling(vae, auto_tile_size(vae))
-        logger.warning(
-            "%s: %d px crops are encoded and decoded in %d px tiles", source, resolution, auto_tile_size(vae)
-        )
+        tile = auto_tile_size(vae)
+        configure_tiling(vae, tile)
+        logger.warning("%s: %d px crops are encoded and decoded in %d px tiles", source, resolution, tile)
     return vae
 
 
