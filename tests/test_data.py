@@ -84,26 +84,44 @@ def test_random_flip_follows_the_torch_seed():
     assert any(torch.equal(a, unflipped.flip(-1)) for a in first)
 
 
-def test_unreadable_files_are_skipped_and_counted(tmp_path):
-    good = tmp_path / "good.png"
-    Image.new("RGB", (16, 16), (1, 2, 3)).save(good)
+def test_unreadable_stream_rows_are_replaced_by_the_next_readable_one_and_named(tmp_path):
+    """A stream's batch keeps its shape: an unreadable row becomes the next readable row of its map batch
+    (cyclically), and its record says which file and why; a map batch with nothing readable is dropped."""
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    processor = ExampleProcessor("image", ImageTransform(8))
-    rows = processor(
-        {
-            "image": [
-                {"path": str(good), "bytes": None},
-                {"path": str(bad), "bytes": None},
-                {"path": str(empty), "bytes": None},
-            ]
-        }
+    good = tmp_path / "good.png"
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(good)
+    processor = ExampleProcessor("image", ImageTransform(8), seed=0)
+    files = [{"path": str(path), "bytes": None} for path in (bad, good, empty)]
+    rows = processor({"image": files}, [0, 1, 2])
+    batch = collate(
+        [{"pixel_values": p, "unreadable": u} for p, u in zip(rows["pixel_values"], rows["unreadable"], strict=True)]
     )
-    batch = collate([{"pixel_values": value} for value in rows["pixel_values"]])
-    assert batch["pixel_values"].shape == (1, 3, 8, 8)
-    assert batch["num_skipped"] == 2
+    assert batch["pixel_values"].shape == (3, 3, 8, 8) and batch["num_skipped"] == 0
+    assert (batch["pixel_values"] == batch["pixel_values"][1]).all()  # both replaced by the good image
+    assert [record["name"] for record in batch["unreadable"]] == [str(bad), str(empty)]
+    reasons = " ".join(record["reason"] for record in batch["unreadable"])
+    assert "not an image file" in reasons and "BytesIO" not in reasons
+    assert processor({"image": [files[0], files[2]]}, [3, 4]) == {"pixel_values": [], "unreadable": []}
+
+
+def test_an_unreadable_training_sample_is_replaced_but_evaluation_skips_it(tmp_path):
+    from datasets import Dataset as HFDataset
+
+    from vae_hf.data.datasets import ImageDataset
+
+    (tmp_path / "bad.png").write_bytes(b"<html>")
+    for name, colour in (("a.png", (255, 0, 0)), ("c.png", (0, 0, 255))):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
+    rows = HFDataset.from_dict({"image": [str(tmp_path / name) for name in ("a.png", "bad.png", "c.png")]})
+    training = ImageDataset(rows, "image", ImageTransform(8, uint8=True), seed=0, substitute=True)
+    sample = training[1]
+    assert (sample["pixel_values"] == training[2]["pixel_values"]).all()  # the next readable row, c.png
+    assert sample["unreadable"] == [{"name": str(tmp_path / "bad.png"), "reason": sample["unreadable"][0]["reason"]}]
+    evaluation = ImageDataset(rows, "image", ImageTransform(8), seed=0)
+    assert evaluation[1]["pixel_values"] is None and evaluation[1]["unreadable"][0]["name"].endswith("bad.png")
 
 
 def test_a_local_folder_loads_through_the_imagefolder_builder(image_folder):
@@ -157,8 +175,8 @@ def test_fast_jpeg_decode_decodes_at_reduced_scale_and_matches_a_full_decode(tmp
     assert decode_image(str(jpeg), draft_size=300).size == (512, 512)  # never below the requested size
     assert decode_image(str(jpeg)).size == (1024, 1024)
     assert decode_image(str(png), draft_size=256).size == (1024, 1024)
-    fast = try_transform(str(jpeg), ImageTransform(256, draft_jpeg=True))
-    full = try_transform(str(jpeg), ImageTransform(256))
+    fast, _ = try_transform(str(jpeg), ImageTransform(256, draft_jpeg=True))
+    full, _ = try_transform(str(jpeg), ImageTransform(256))
     assert fast.shape == full.shape == (3, 256, 256) and not torch.equal(fast, full)
     psnr = 10 * torch.log10(1 / ((fast - full) / 2).pow(2).mean())
     assert psnr > 40

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from vae_hf.config import DataConfig
@@ -106,17 +106,37 @@ def sample_seed(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
+def unreadable_reason(error: BaseException) -> str:
+    """What is wrong with a file, in words a person acts on (PIL's own messages name a BytesIO object)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file PIL can read (unknown format, or not an image at all)"
+    if isinstance(error, Image.DecompressionBombError):
+        return f"too many pixels to decode safely ({str(error).splitlines()[0]})"
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if "truncated" in text:
+        return f"truncated or damaged file ({text})"
+    return text
+
+
 def try_transform(
     value: Any, transform: ImageTransform, generator: torch.Generator | None = None, max_pixels: int | None = None
-) -> torch.Tensor | None:
-    """Decode and transform one stored image; None (with a warning naming it) when it is unreadable."""
+) -> tuple[torch.Tensor | None, str | None]:
+    """Decode and transform one stored image: (pixels, None), or (None, why it is unreadable)."""
     try:
         draft_size = transform.resolution if transform.draft_jpeg else None
-        return transform(decode_image(value, max_pixels, draft_size), generator)
+        return transform(decode_image(value, max_pixels, draft_size), generator), None
     except DECODE_ERRORS as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        logger.warning("skipping unreadable image %s: %s", describe(value), reason)
-        return None
+        return None, unreadable_reason(error)
+
+
+def unreadable(value: Any, reason: str, row: int) -> dict[str, str]:
+    """The record of one unreadable file that travels with a batch: its name (its path, else its row) and why."""
+    name = describe(value)
+    return {"name": f"row {row}" if name == "<bytes>" else name, "reason": reason}
+
+
+SUBSTITUTE_LOOKAHEAD = 1000
+"""How many following rows a training sample that will not decode may be replaced from."""
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -126,13 +146,25 @@ class ImageDataset(torch.utils.data.Dataset):
     process-wide RNG: a sample's augmentation is then the same whichever worker loads it and whether
     or not the run was interrupted and resumed. The epoch lives in shared memory, so persistent
     DataLoader workers (started once, holding their own copy of the dataset) see `set_epoch` too.
+
+    A row that will not decode gives `pixel_values` None (evaluation skips it), or with `substitute` the
+    next readable row's image, augmented as the row itself would have been: a training batch then always
+    has its full shape on every process, and every process takes the same number of steps. Either way the
+    row's record (`unreadable`: name and reason) travels with the batch, to be counted once per file.
     """
 
     def __init__(
-        self, dataset: Dataset, image_column: str, transform: ImageTransform, seed: int, max_pixels: int | None = None
+        self,
+        dataset: Dataset,
+        image_column: str,
+        transform: ImageTransform,
+        seed: int,
+        max_pixels: int | None = None,
+        substitute: bool = False,
     ):
         self.dataset, self.image_column, self.transform, self.seed = dataset, image_column, transform, seed
         self.max_pixels = max_pixels
+        self.substitute = substitute
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
     @property
@@ -146,32 +178,101 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        value = self.dataset[index][self.image_column]
-        return {"pixel_values": try_transform(value, self.transform, generator, self.max_pixels)}
+        records = []
+        lookahead = min(SUBSTITUTE_LOOKAHEAD, len(self)) if self.substitute else 1
+        for offset in range(lookahead):
+            row = (index + offset) % len(self)
+            value = self.dataset[row][self.image_column]
+            # seeded by the sample's own index: a substitute is augmented as the sample would have been
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            pixels, reason = try_transform(value, self.transform, generator, self.max_pixels)
+            if pixels is not None:
+                return {"pixel_values": pixels, "unreadable": records}
+            records.append(unreadable(value, reason, row))
+        if not self.substitute:
+            return {"pixel_values": None, "unreadable": records}
+        raise DataError(
+            f"data.dataset: none of the {lookahead} rows from row {index} of {len(self)} decodes "
+            f"(first: {records[0]['name']}: {records[0]['reason']})"
+        )
 
 
-@dataclass
 class ExampleProcessor:
-    """For streaming data: turns a batch of rows into tensors; unreadable rows become None."""
+    """For streaming data: turns a batch of rows into tensors (a `datasets` batched map with indices).
 
-    image_column: str
-    transform: ImageTransform
-    max_pixels: int | None = None
+    As in `ImageDataset`, augmentation is seeded per sample, here by (run seed, epoch, process, loader
+    worker, position in the stream), so a resumed stream augments as the uninterrupted one; and a row that
+    will not decode is replaced by the next readable row of the same map batch, its record kept. A map batch
+    with no readable row at all is dropped (named in a warning): the trainer's agreement on the end of the
+    data keeps the processes in step when a stream comes out shorter.
+    """
 
-    def __call__(self, examples: dict[str, list]) -> dict[str, list]:
-        return {
-            "pixel_values": [
-                try_transform(value, self.transform, None, self.max_pixels) for value in examples[self.image_column]
-            ]
-        }
+    def __init__(
+        self, image_column: str, transform: ImageTransform, seed: int, rank: int = 0, max_pixels: int | None = None
+    ):
+        self.image_column, self.transform, self.seed, self.rank = image_column, transform, seed, rank
+        self.max_pixels = max_pixels
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __call__(self, examples: dict[str, list], indices: list[int]) -> dict[str, list]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        epoch = int(self._epoch.numpy())
+        values = examples[self.image_column]
+        decoded, reasons = [], []
+        for value in values:
+            try:
+                draft_size = self.transform.resolution if self.transform.draft_jpeg else None
+                decoded.append(decode_image(value, self.max_pixels, draft_size))
+                reasons.append(None)
+            except DECODE_ERRORS as error:
+                decoded.append(None)
+                reasons.append(unreadable_reason(error))
+        readable = [position for position, image in enumerate(decoded) if image is not None]
+        if not readable:
+            names = ", ".join(f"{describe(value)} ({reason})" for value, reason in zip(values, reasons, strict=True))
+            logger.warning("dropping %d stream rows, none of which decodes: %s", len(values), names)
+            return {"pixel_values": [], "unreadable": []}
+        pixel_values, records = [], []
+        for position, index in enumerate(indices):
+            source = next((p for p in readable if p >= position), readable[0])  # the next readable row
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, self.rank, worker, index))
+            pixel_values.append(self.transform(decoded[source], generator))
+            reason = reasons[position]
+            records.append([] if reason is None else [unreadable(values[position], reason, index)])
+        return {"pixel_values": pixel_values, "unreadable": records}
+
+
+class StreamingImageDataset(torch.utils.data.IterableDataset):
+    """A process's shard of a stream, as transformed samples; its position saves and loads
+    (`state_dict`), and `set_epoch` reshuffles the stream and reseeds the augmentation."""
+
+    def __init__(self, stream: IterableDataset, processor: ExampleProcessor):
+        self.stream, self.processor = stream, processor
+
+    def __iter__(self):
+        return iter(self.stream)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+        self.processor.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
 
 
 def training_dataset(
     config: DataConfig, seed: int, rank: int = 0, world_size: int = 1
-) -> ImageDataset | IterableDataset:
+) -> ImageDataset | StreamingImageDataset:
     """The training split, transformed lazily to uint8 pixels (`to_model_range` scales them on the device);
-    streaming data is shuffled in a buffer and split by rank."""
+    streaming data is shuffled in a buffer and split by rank. Unreadable samples are substituted (see
+    `ImageDataset`), so batches never shrink."""
     dataset = load_image_dataset(config)
     if config.validation_split is None and config.validation_fraction > 0:
         dataset = _held_out(dataset, config, seed)["train"]
@@ -183,10 +284,17 @@ def training_dataset(
 
         dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer_size)
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        processor = ExampleProcessor(config.image_column, transform, config.max_image_pixels)
-        return dataset.map(processor, batched=True, remove_columns=dataset.column_names)
+        processor = ExampleProcessor(config.image_column, transform, seed, rank, config.max_image_pixels)
+        stream = dataset.map(
+            processor, batched=True, batch_size=STREAM_MAP_BATCH, with_indices=True, remove_columns=dataset.column_names
+        )
+        return StreamingImageDataset(stream, processor)
     require_a_usable_image(dataset, config)
-    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels, substitute=True)
+
+
+STREAM_MAP_BATCH = 64
+"""Rows a stream decodes together; an unreadable row is replaced from within its map batch."""
 
 
 def heldout_dataset(config: DataConfig, seed: int) -> ImageDataset | None:

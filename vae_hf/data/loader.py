@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from datasets import IterableDataset
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -19,24 +18,30 @@ def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack the decoded images and count the skipped ones."""
+    """Stack the decoded images; `num_skipped` counts the rows left out, `unreadable` lists the records of
+    the files that did not decode (for training, replaced by substitutes: see `ImageDataset`)."""
     images = [row["pixel_values"] for row in rows if row["pixel_values"] is not None]
     pixel_values = torch.stack(images) if images else torch.empty(0)
-    return {"pixel_values": pixel_values, "num_skipped": len(rows) - len(images)}
+    records = [record for row in rows for record in row.get("unreadable") or ()]
+    return {"pixel_values": pixel_values, "num_skipped": len(rows) - len(images), "unreadable": records}
 
 
 def build_dataloader(
-    dataset: Dataset | IterableDataset, config: DataConfig, batch_size: int, seed: int, pin_memory: bool = False
+    dataset: Dataset | torch.utils.data.IterableDataset,
+    config: DataConfig,
+    batch_size: int,
+    seed: int,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Shuffled, seeded batches; a stream gets a StatefulDataLoader, whose position can be saved."""
-    streaming = isinstance(dataset, IterableDataset)
+    streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     loader = (StatefulDataLoader if streaming else DataLoader)(
         dataset,
         batch_size=batch_size,
         shuffle=not streaming,
         num_workers=config.num_workers,
         collate_fn=collate,
-        drop_last=not streaming,
+        drop_last=True,  # every batch full-sized, on every process: DDP and the discriminator see equal shapes
         pin_memory=pin_memory,
         persistent_workers=config.persistent_workers and config.num_workers > 0,
         prefetch_factor=config.prefetch_factor,
