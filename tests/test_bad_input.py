@@ -43,22 +43,32 @@ def build(images: Path, tmp_path: Path, **overrides) -> Trainer:
     return Trainer(load_config(None, tiny_overrides(images, tmp_path / "run", **values)))
 
 
-def test_a_folder_with_every_kind_of_bad_file_trains_and_reports_the_skips(tmp_path, caplog):
+def test_a_folder_with_every_kind_of_bad_file_trains_and_reports_the_skips(tmp_path, caplog, capsys):
+    """Every batch keeps its shape (a broken file's place is taken by the next readable image), and each
+    broken file is named once with its reason and counted once, however many epochs meet it."""
     images = tmp_path / "images"
     write_images(images, 7)
     seed_bad_files(images)  # 7 good + 3 awkward-but-fine + 4 bad = 14 files, 7 batches of 2
-    trainer = build(images, tmp_path, **{"train.max_steps": 3})
-    with caplog.at_level(logging.WARNING, logger="vae_hf.data"):
-        one_epoch = list(trainer.dataloader)
-    assert sum(batch["num_skipped"] for batch in one_epoch) == len(BAD_FILES)
-    assert sum(len(batch["pixel_values"]) for batch in one_epoch) == 14 - len(BAD_FILES)
-    warned = " ".join(record.getMessage() for record in caplog.records)
-    for name in BAD_FILES:
-        assert name in warned
-    assert "data.max_image_pixels" in warned
+    quick = {"loss.perceptual_weight": 0, "loss.disc_weight": 0}
+    trainer = build(images, tmp_path, **{"train.max_steps": 14, **quick})  # two epochs
+    one_epoch = list(trainer.dataloader)
+    assert [len(batch["pixel_values"]) for batch in one_epoch] == [2] * 7
+    records = [record for batch in one_epoch for record in batch["unreadable"]]
+    # (a broken file can be met twice: as itself, and while looking past a broken neighbour)
+    assert {Path(record["name"]).name for record in records} == set(BAD_FILES)
+    reasons = {Path(record["name"]).name: record["reason"] for record in records}
+    assert "data.max_image_pixels" in reasons["too_many_pixels.png"]
+    assert "not an image file" in reasons["not_an_image.png"] and "truncated" in reasons["truncated.jpg"]
+    assert not any("BytesIO" in reason for reason in reasons.values())
 
-    trainer.train()
-    assert trainer.progress.global_step == 3 and trainer.progress.images_skipped > 0
+    with caplog.at_level(logging.WARNING, logger="vae_hf.train"):
+        trainer.train()
+    assert trainer.progress.epoch == 1 and trainer.progress.batches_in_epoch == 7  # the second epoch, whole
+    assert trainer.progress.images_skipped == len(BAD_FILES)  # not 8: files, not meetings
+    warnings = [record.getMessage() for record in caplog.records if "unreadable image" in record.getMessage()]
+    named = sorted(message.split()[2].rstrip(":") for message in warnings)
+    assert named == sorted(str(images / name) for name in BAD_FILES)
+    assert f"{len(BAD_FILES)} unreadable images skipped" in capsys.readouterr().out
 
 
 def test_a_folder_of_only_bad_files_stops_before_training(tmp_path):

@@ -222,14 +222,14 @@ class RunCheckpoints:
         progress: TrainProgress,
         players: dict[str, Player | None],
         model_shape: dict[str, Any],
-        stream_loader=None,
+        stream_position=None,
     ):
         self.checkpointer = checkpointer
         self.accelerator = checkpointer.accelerator
         self.progress = progress
         self.players = players  # "vae", "discriminator" (None when the recipe has none)
         self.model_shape = model_shape
-        self.stream_loader = stream_loader  # a streaming run's loader, whose position is per process
+        self.stream_position = stream_position  # a streaming run's position (a callable), per process
 
     def state_dict(self, ema: EMA | None) -> dict[str, Any]:
         """What Accelerate's save_state does not hold: counters, schedules, scalers, the EMA's scalars."""
@@ -256,7 +256,7 @@ class RunCheckpoints:
         tensors = {} if ema is None else {"ema": ema.state_dict()[0]}
         for suffix, player in self._deepspeed_players().items():  # every process joins the gathers
             tensors[f"model{suffix}"], tensors[f"optimizer{suffix}"] = player.state_tensors()
-        process_state = {"stream": None if self.stream_loader is None else self.stream_loader.state_dict()}
+        process_state = {"stream": None if self.stream_position is None else self.stream_position()}
         return self.checkpointer.save(
             self.progress.global_step, self.state_dict(ema), self.model_shape, process_state, tensors
         )
@@ -276,7 +276,7 @@ class RunCheckpoints:
             else:
                 ema.load_state_dict(read_tensors(path, "ema"), state["ema"])
         position = None
-        if self.stream_loader is not None and self.progress.batches_in_epoch > 0:
+        if self.stream_position is not None and self.progress.batches_in_epoch > 0:
             position = process_state["stream"]
         return Resumed(path, position)
 

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
-
-import torch
-from accelerate import Accelerator
+import sys
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
-    """Records a stop signal instead of dying on it, so the trainer can save first."""
+    """Records a stop signal instead of dying on it, so the trainer can save first.
+
+    `received` is this process's own news; `signal_name` is set only by `agree`, when the processes have
+    shared their news at a step boundary. The loop acts on `signal_name` alone, so every process stops at the
+    same step, however late one of them was signalled.
+    """
 
     def __init__(self):
+        self.received: str | None = None
         self.signal_name: str | None = None
 
     @contextlib.contextmanager
     def listening(self):
         def record(signum, _frame):
-            self.signal_name = signal.Signals(signum).name
+            self.received = self.received or signal.Signals(signum).name
 
         previous = {sig: signal.signal(sig, record) for sig in SIGNALS}
         try:
@@ -29,14 +35,11 @@ class StopRequest:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def synchronize(self, accelerator: Accelerator) -> None:
-        """Share the news: once any process was signalled, every process records a stop, so that all stop at
-        the same step and save together."""
-        if accelerator.num_processes == 1:
-            return
-        flag = torch.tensor(float(self.signal_name is not None), device=accelerator.device)
-        if accelerator.reduce(flag, reduction="sum").item() > 0:  # a host sync, in multi-process runs only
-            self.signal_name = self.signal_name or "SIGTERM"
+    def agree(self, anyone_signalled: bool) -> None:
+        """Take the agreed news: once any process was signalled, every process records a stop (a process
+        that was not signalled itself records SIGTERM, the usual news of a preemption)."""
+        if anyone_signalled and self.signal_name is None:
+            self.signal_name = self.received or "SIGTERM"
 
     @property
     def requested(self) -> bool:
@@ -46,3 +49,27 @@ class StopRequest:
     def exit_status(self) -> int:
         """128 + the signal number, as a shell reports a process ended by that signal."""
         return 128 + int(getattr(signal, self.signal_name or "SIGTERM"))
+
+
+def die_with_parent() -> bool:
+    """Ask Linux to send this process SIGTERM when its parent dies; True when set.
+
+    Only under a launcher (`accelerate launch`, torchrun): a launcher that is killed takes no care of its
+    trainer, which would otherwise train on, orphaned, until the machine is taken away, and lose what it did
+    since its last checkpoint. The trainer treats the signal as any stop: it saves, then exits with 143. A
+    process started from a shell is left alone, so `nohup` keeps working.
+    """
+    launched = any(name in os.environ for name in LAUNCHER_VARIABLES)
+    if not launched or not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
+PR_SET_PDEATHSIG = 1
+LAUNCHER_VARIABLES = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
+"""Set by `accelerate launch` (every launcher it has) and by torchrun in the processes they start."""

@@ -10,6 +10,8 @@ exports, pushes) and `Validator` (held-out scores).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import math
 import time
@@ -18,10 +20,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, broadcast, set_seed
-from datasets import IterableDataset
 from diffusers import AutoencoderKL
 from torch import nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vae_hf.config import Config, ConfigError, flat_hparams
 from vae_hf.data import datasets as image_datasets
@@ -34,6 +36,7 @@ from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, 
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 from vae_hf.parallel.fsdp import ShardingUnits, gathered
 from vae_hf.train.checkpoint import Checkpointer, RunCheckpoints, TrainingDiverged, model_shape
+from vae_hf.train.consensus import Consensus
 from vae_hf.train.ema import EMA
 from vae_hf.train.meter import LossMeter
 from vae_hf.train.player import Player, build_optimizer, build_scheduler
@@ -67,6 +70,7 @@ class Trainer:
         if config.train.push_to_hub:
             require_push_access()  # not after days of training
         self.accelerator = self._build_accelerator()
+        self.consensus = Consensus(self.accelerator)
         self.perceptual_choice = self._decide_perceptual_trunk()
         if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
             require_vgg_weights()  # fail in a second, not after the data and models are built
@@ -76,6 +80,7 @@ class Trainer:
         set_seed(config.seed)
         self.progress = TrainProgress()
         self._stream_position: dict | None = None  # a resumed stream's loader state, applied on iterating
+        self._untrained_window_position: dict | None = None  # a stream's position before a window left untrained
         self.stop_request = StopRequest()
         self.step_callbacks: list = []  # called with the trainer after each optimizer step (benchmarks)
         self.last_checkpoint_step: int | None = None
@@ -94,7 +99,7 @@ class Trainer:
             self.progress,
             {"vae": self.vae_player, "discriminator": self.disc_player},
             self._model_shape(),
-            stream_loader=self.dataloader if self.streaming else None,
+            stream_position=self._stream_checkpoint_position if self.streaming else None,
         )
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
@@ -152,7 +157,7 @@ class Trainer:
         dataset = image_datasets.training_dataset(
             config.data, config.seed, accelerator.process_index, accelerator.num_processes
         )
-        self.streaming = isinstance(dataset, IterableDataset)
+        self.streaming = isinstance(dataset, image_datasets.StreamingImageDataset)
         loader = batching.build_dataloader(
             dataset, config.data, config.train.batch_size, config.seed, pin_memory=accelerator.device.type == "cuda"
         )
@@ -368,13 +373,14 @@ class Trainer:
         meter = LossMeter()
         if self.validator.enabled and not self.validator.has_baseline:
             self.evaluate("baseline")  # the starting model's scores, to read progress against
-        with self.stop_request.listening():
+        # Signals are recorded, not obeyed, until the stop is saved: a launcher forwards SIGTERM once more.
+        with self.stop_request.listening(), logging_redirect_tqdm():  # warnings on their own lines, not the bar's
             while self.progress.global_step < self.total_steps and self.stop_signal is None:
                 if self._train_epoch(bar, meter):
                     self._end_epoch()
-        bar.close()
-        if self.stop_signal is not None:
-            return self._stop_for_signal()
+            bar.close()
+            if self.stop_signal is not None:
+                return self._stop_for_signal()
         if self.last_export_step != self.progress.global_step:  # not already exported at this step's epoch end
             self.save_vae()
         if self.last_checkpoint_step != self.progress.global_step:
@@ -384,53 +390,92 @@ class Trainer:
             self.validator.latent_statistics(self.preview_vae(), self.progress.global_step)
         if self.config.train.push_to_hub and not self.config.train.hub_push_every_export:
             self.push()
+        self._share_unreadable()  # before end_training, which closes the process group
         self.accelerator.end_training()
         self.reporter.end(self.progress.global_step, self.progress.images_skipped, self.validator)
         return self.output_dir / "vae"
 
     def _train_epoch(self, bar, meter: LossMeter) -> bool:
-        """Train until the data runs out (True: the epoch is complete) or the run must stop (False)."""
-        batches, usable = 0, 0
+        """Train until the data runs out (True: the epoch is complete) or the run must stop (False).
+
+        Every process takes the same number of micro-batches and decides with the others after each optimizer
+        step (`_agree`): a sample that will not decode is replaced by a readable one (never an empty batch),
+        map-style data gives every process the same number of batches, and a stream is taken one full
+        optimizer step's window at a time (`_stream_windows`)."""
         for batch in self._epoch_batches():
             self.progress.batches_in_epoch += 1
-            batches += 1
-            self.progress.images_skipped += batch["num_skipped"]
-            images = batch["pixel_values"]
-            if images.numel() == 0:
-                continue
-            usable += 1
+            self._note_unreadable(batch["unreadable"])
+            images = batch["pixel_values"]  # uint8 from the loader: scaled on the device
             images = images.to(self.accelerator.device, non_blocking=True, memory_format=self.memory_format)
-            images = batching.to_model_range(images)  # uint8 from the loader: scaled on the device
+            images = batching.to_model_range(images)
             with self.accelerator.accumulate(self.vae_player.wrapped, *self._disc_models()):
                 breakdown = self.training_step(images)
             self.progress.micro_step += 1
             meter.add(breakdown, images.shape[0])
             if self.accelerator.sync_gradients:
                 self._after_optimizer_step(bar, meter)
-                self.stop_request.synchronize(self.accelerator)
-                if self.progress.global_step >= self.total_steps or self.stop_request.requested:
+                if self.progress.global_step >= self.total_steps:
                     return False
-        if batches > 0 and usable == 0:
-            raise image_datasets.DataError(
-                f"data.dataset: no usable image in {self.config.data.dataset} "
-                f"({self.progress.images_skipped} unreadable files skipped)"
-            )
-        return True
+                if not self.streaming and self._agree():  # a stream agrees before each window instead
+                    return False
+        return self.stop_signal is None
+
+    def _agree(self, out_of_data: bool = False) -> bool:
+        """The step-boundary agreement of all processes (`Consensus`): True when they stop for a signal or,
+        for a stream, when some process has no full window of data left (the epoch then ends for all)."""
+        stop, out_of_data = self.consensus.agree(self.stop_request.received is not None, out_of_data)
+        self.stop_request.agree(stop)
+        return stop or out_of_data
 
     def _epoch_batches(self):
         """This epoch's batches, in an order fixed by (seed, epoch), past the ones already trained on."""
         loader = self.dataloader
+        loader.dataset.set_epoch(self.progress.epoch)  # a new shuffle and new augmentation each epoch
         if self.streaming:
-            loader.dataset.set_epoch(self.progress.epoch)  # a new shuffle of the stream each epoch
             if self._stream_position is not None:
                 loader.load_state_dict(self._stream_position)
                 self._stream_position = None
-            return loader
-        loader.dataset.set_epoch(self.progress.epoch)
+            return self._stream_windows(loader)
         if self.progress.batches_in_epoch > 0:
             loader = self.accelerator.skip_first_batches(loader, self.progress.batches_in_epoch)
         loader.set_epoch(self.progress.epoch)
         return loader
+
+    def _stream_windows(self, loader):
+        """A stream's batches, one optimizer step's window (`gradient_accumulation_steps` micro-batches) at a
+        time, each taken only when every process has a full one: the processes' streams may differ in length,
+        and an epoch must end on the same step everywhere, between optimizer steps. The incomplete windows
+        at an epoch's end are dropped, as map-style data drops its last incomplete batch."""
+        size = self.config.train.gradient_accumulation_steps
+        batches = iter(loader)
+        while True:
+            before = loader.state_dict()
+            window = list(itertools.islice(batches, size))
+            if self._agree(out_of_data=len(window) < size):
+                if self.stop_signal is not None:  # saved below: the window fetched here is still to be trained
+                    self._untrained_window_position = before
+                return
+            yield from window
+
+    def _stream_checkpoint_position(self) -> dict:
+        """Where a resumed stream picks up: before a window fetched but not trained (a stop), else here."""
+        return self._untrained_window_position or self.dataloader.state_dict()
+
+    def _note_unreadable(self, records: list[dict[str, str]]) -> None:
+        """Count each unreadable file once (over epochs and processes) and name it once, with the reason."""
+        for record in records:
+            key = file_key(record["name"])
+            if key not in self.progress.unreadable_files:
+                self.progress.unreadable_files.add(key)
+                logger.warning(
+                    "unreadable image %s: %s; trained on the next readable image in its place",
+                    record["name"],
+                    record["reason"],
+                )
+
+    def _share_unreadable(self) -> None:
+        """Every process learns the unreadable files the others met (at log steps and saves: a collective)."""
+        self.progress.unreadable_files = self.consensus.union(self.progress.unreadable_files)
 
     def _end_epoch(self) -> None:
         """The VAE is exported at every epoch's end; the full state is saved there only when
@@ -461,6 +506,7 @@ class Trainer:
         bar.update(1)
         train = self.config.train
         if self.progress.global_step % train.log_every_steps == 0 or self.progress.global_step == self.total_steps:
+            self._share_unreadable()
             if self._settle_nonfinite():
                 self._stop_diverged()
             self.reporter.log(self._logged_values(meter), self.progress.global_step, bar)
@@ -537,6 +583,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         self._settle_nonfinite()
+        self._share_unreadable()
         path = self.checkpoints.save(self.ema)
         self.last_checkpoint_step = self.progress.global_step
         self.last_checkpoint_time = time.monotonic()
@@ -575,3 +622,8 @@ class Trainer:
                 flush=True,
             )
         return path
+
+
+def file_key(name: str) -> int:
+    """A 63-bit key for a file's name, the same in every process (Python's `hash` of a str is not)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") >> 1
