@@ -18,4 +18,6 @@ RUN pip install --no-cache-dir ".[deepspeed]" && chown -R vae:vae /workspace
 
 USER vae
 VOLUME ["/home/vae/.cache/huggingface"]
-ENTRYPOINT ["accelerate", "launch", "train_autoencoder.py"]
+# The supervisor is PID 1: SIGTERM (docker stop, eviction) reaches every trainer process, and the container
+# lives until they have saved their checkpoint (docs/resuming.md, "Stopping").
+ENTRYPOINT ["vae-hf", "supervise", "--", "accelerate", "launch", "train_autoencoder.py"]

@@ -31,4 +31,5 @@ def test_it_trains_as_a_non_root_user_with_the_hub_cache_on_a_volume():
     assert user not in ("root", "0")
     assert any("huggingface" in volume for volume in instructions("VOLUME"))
     (entrypoint,) = instructions("ENTRYPOINT")
-    assert entrypoint == '["accelerate", "launch", "train_autoencoder.py"]'
+    # the supervisor first: docker stop's SIGTERM must reach the trainers (tests/test_launcher_signals.py)
+    assert entrypoint == '["vae-hf", "supervise", "--", "accelerate", "launch", "train_autoencoder.py"]'

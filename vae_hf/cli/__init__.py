@@ -29,6 +29,15 @@ def _add_train(commands) -> None:
     parser.set_defaults(run=lambda args: run_train(args.config, args.overrides))
 
 
+def _add_supervise(commands) -> None:
+    parser = commands.add_parser(
+        "supervise",
+        help="run a job so that SIGTERM/SIGINT reach all its processes and it ends only once they saved",
+    )
+    parser.add_argument("job", nargs=argparse.REMAINDER, help="-- accelerate launch train_autoencoder.py ...")
+    parser.set_defaults(run=lambda args: _command("supervise", "supervise_command")(args.job))
+
+
 def _add_reconstruct(commands) -> None:
     parser = commands.add_parser("reconstruct", help="encode and decode images, each at its own size")
     parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
@@ -211,6 +220,7 @@ def _add_bench(commands) -> None:
 # exit status.
 SUBCOMMANDS = [
     _add_train,
+    _add_supervise,
     _add_reconstruct,
     _add_interpolate,
     _add_latent_stats,

@@ -36,6 +36,9 @@ def environment_overrides() -> list[str]:
 
 def run_train(config_path: str | None, overrides: list[str]) -> int:
     """Parse and check the whole config before building anything, then train."""
+    from vae_hf.train.signals import die_with_parent
+
+    die_with_parent()  # a launcher that is killed must not leave its trainer running, unsaved, on its own
     config = load_config(config_path, [*overrides, *environment_overrides()])
     from vae_hf.train.trainer import Trainer  # imported here: seconds of torch/diffusers imports
 
