@@ -136,6 +136,14 @@ def test_a_folder_without_image_files_is_named_with_the_extensions_read(tmp_path
     assert "\n" not in message
 
 
+def test_a_mistyped_local_folder_is_named_as_missing_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for typo in ("data/photso", "data/2024/photos", "./photos"):
+        with pytest.raises(DataError, match=f"^data.dataset: no such folder {typo}$"):
+            training_dataset(DataConfig(dataset=typo, resolution=16), seed=0)
+
+
 def test_images_in_subfolders_count_whatever_the_case_of_their_extension(tmp_path):
     (tmp_path / "photos" / "day").mkdir(parents=True)
     Image.new("RGB", (16, 16)).save(tmp_path / "photos" / "day" / "IMG_1.JPG", format="JPEG")

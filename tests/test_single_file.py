@@ -230,3 +230,51 @@ def test_a_single_file_without_our_header_gets_ldms_training_size(tmp_path):
     assert load_vae(str(bare)).config.sample_size == 256
     ours = save_single_file(vae, tmp_path / "ours.safetensors")
     assert load_vae(str(ours)).config.sample_size == 64
+
+
+HUB_ID = "someone/tiny-vae"
+LOAD_FROM_CACHE = """
+import warnings
+warnings.simplefilter("always")  # a warning printed once per interpreter must show here
+from vae_hf.models.vae import load_vae
+print(load_vae("someone/tiny-vae").config.block_out_channels)
+"""
+
+
+def fill_hub_cache(cache: Path, vae: AutoencoderKL) -> None:
+    """A Hub model as huggingface_hub caches it: refs/main names a snapshot folder holding the files."""
+    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    vae.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_id_missing_from_the_cache_in_offline_mode_says_so(monkeypatch):
+    """diffusers said "does not appear to have a file named config.json", after a deprecation warning."""
+    from vae_hf.offline import OfflineError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError) as error:
+        load_vae("vae-hf-tests/never-downloaded", option="--model")
+    message = str(error.value)
+    assert message.startswith("--model: vae-hf-tests/never-downloaded is not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1 keeps the Hub off" in message and "\n" not in message
+
+
+def test_a_cached_hub_model_loads_offline_without_a_warning(tmp_path: Path):
+    fill_hub_cache(tmp_path / "hub", tiny_vae())
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_FROM_CACHE], cwd=tmp_path, capture_output=True, text=True, env=environment
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[32, 64]" and "Warning" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("typo", ["outputs/demo/vea", "outputs/vea"])
+def test_a_mistyped_local_path_is_a_missing_folder_not_a_hub_id(typo, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match=f"^--model: no such file or folder {typo}$"):
+        load_vae(typo, option="--model")

@@ -23,7 +23,7 @@ from vae_hf.config import DataConfig
 from vae_hf.data import DataError
 from vae_hf.data.decode import DECODE_ERRORS, decode_image, describe
 from vae_hf.data.loader import to_model_range
-from vae_hf.offline import require_hub
+from vae_hf.offline import is_local_path, require_hub
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,10 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
             split,
         )
     else:
-        if Path(config.dataset).expanduser().exists() or config.dataset.startswith((".", "/", "~")):
+        if Path(config.dataset).expanduser().exists():
             raise DataError(f"data.dataset: {config.dataset} is not a folder")
+        if is_local_path(config.dataset):
+            raise DataError(f"data.dataset: no such folder {config.dataset}")
         require_hub(
             f"data.dataset={config.dataset}",
             "Use a local image folder, or pre-download the dataset and set HF_DATASETS_OFFLINE=1.",
