@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import sys
+import time
 
 from vae_hf.cli.train import add_train_arguments, run_train
 from vae_hf.config import CHOICES, WEIGHT_DTYPES
@@ -248,8 +251,25 @@ def guarded(command) -> int:
     try:
         return command()
     except UserError as error:
-        print(f"vae-hf: error: {error}", file=sys.stderr)
+        message = f"vae-hf: error: {error}"
+        print(message, file=sys.stderr, flush=True)
+        tell_launcher(message)
         return 2
     except KeyboardInterrupt:
         print("vae-hf: interrupted", file=sys.stderr)
         return 130
+
+
+def tell_launcher(message: str) -> None:
+    """Under torchrun (`accelerate launch` with several processes) also write the reason to the error file the
+    launcher reads, so that its failure summary, printed last, shows it as the root cause instead of "To enable
+    traceback see ...". The single-process launcher reads no file: there our line is the last before accelerate's
+    `CalledProcessError` traceback (see the README)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as file:  # torch's format for a message without a traceback
+            json.dump({"message": message, "timestamp": int(time.time())}, file)
+    except OSError:
+        pass  # the reason is on stderr already; a launcher's unwritable file must not hide it
