@@ -94,10 +94,16 @@ def test_lpips_is_zero_on_identical_images_and_positive_on_different_ones(every_
     images = unit_images()
     every_metric.reset()
     every_metric.update(images, images)
-    assert every_metric.compute()["lpips"] == 0.0
+    assert every_metric.compute()["lpips_random_trunk"] == 0.0
     every_metric.reset()
     every_metric.update(images, unit_images(seed=1))
-    assert every_metric.compute()["lpips"] > 0.01
+    assert every_metric.compute()["lpips_random_trunk"] > 0.01
+
+
+def test_lpips_is_stored_under_its_own_name_only_with_the_pretrained_trunk():
+    assert ReconstructionMetrics(["psnr"], perceptual_pretrained=True).score_name("lpips") == "lpips"
+    assert ReconstructionMetrics(["psnr"], perceptual_pretrained=False).score_name("lpips") == "lpips_random_trunk"
+    assert ReconstructionMetrics(["psnr"], perceptual_pretrained=False).score_name("psnr") == "psnr"
 
 
 def test_rfid_with_injected_features_is_zero_for_one_set_and_positive_for_two():
@@ -222,10 +228,13 @@ def test_evaluate_command_writes_json_and_prints_one_table_row_per_model(two_mod
     assert [row["model"] for row in report["results"]] == two_models
     for row in report["results"]:
         assert row["num_images"] == 8 and row["images_skipped"] == 0 and row["resolution"] == 32
-        assert 0 < row["psnr"] < PSNR_CAP_DB and -1 <= row["ssim"] <= 1 and row["lpips"] > 0
+        assert 0 < row["psnr"] < PSNR_CAP_DB and -1 <= row["ssim"] <= 1 and row["lpips_random_trunk"] > 0
+        assert "lpips" not in row  # a random trunk's score is never stored as LPIPS
+    assert report["metrics"] == ["psnr", "ssim", "lpips_random_trunk"]
     assert report["results"][0]["psnr"] != report["results"][1]["psnr"]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| model | PSNR (dB)") and len(rows) == 4  # header, separator, two models
+    assert "| LPIPS, random VGG trunk ↓ |" in rows[0]
     assert rows[2].startswith(f"| {two_models[0]} | {report['results'][0]['psnr']:.2f} |")
 
 

@@ -43,6 +43,9 @@ from vae_hf.offline import OfflineError, unreachable_reason
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = CHOICES["train.eval_metrics"]
+# LPIPS through a randomly initialised VGG trunk (offline tests) is not the LPIPS of the literature: its score is
+# stored and shown under this name, so that it is never read or compared as one.
+RANDOM_TRUNK_LPIPS = "lpips_random_trunk"
 
 # An exact reconstruction has infinite PSNR; one such image would make the mean infinite. Each image's
 # PSNR is therefore capped at 100 dB (an MSE of 1e-10), far above any real VAE (SD's is about 25-35 dB),
@@ -103,6 +106,7 @@ class ReconstructionMetrics(nn.Module):
     def __init__(self, names: Sequence[str], perceptual_pretrained: bool = True, fid_features: nn.Module | None = None):
         super().__init__()
         self.names = tuple(names)
+        self.perceptual_pretrained = perceptual_pretrained
         self.counts = ImageCounts()
         self.scores = nn.ModuleDict()
         self.rfid_unavailable: str | None = None
@@ -155,9 +159,14 @@ class ReconstructionMetrics(nn.Module):
             results.update(self._score(name, num_images))
         return results
 
+    def score_name(self, name: str) -> str:
+        """The key a metric's score is stored and shown under: `lpips_random_trunk` for LPIPS without the
+        pretrained trunk, else the metric's name."""
+        return RANDOM_TRUNK_LPIPS if name == "lpips" and not self.perceptual_pretrained else name
+
     def _score(self, name: str, num_images: int) -> dict[str, Any]:
         if name != "rfid":
-            return {name: float(self.scores[name].compute())}
+            return {self.score_name(name): float(self.scores[name].compute())}
         reason = self.rfid_unavailable
         if reason is None and num_images < 2:  # a covariance needs two samples
             reason = f"rFID needs at least 2 images, got {num_images}"
@@ -351,7 +360,7 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
         "data": request.data,
         "split": request.split,
         "resolution": request.resolution,
-        "metrics": list(request.metric_names),
+        "metrics": [metrics.score_name(name) for name in request.metric_names],
         "psnr_cap_db": PSNR_CAP_DB,
         "results": results,
     }
@@ -421,6 +430,7 @@ COLUMNS = {
     "psnr": ("PSNR (dB) ↑", "{:.2f}"),
     "ssim": ("SSIM ↑", "{:.4f}"),
     "lpips": ("LPIPS ↓", "{:.4f}"),
+    RANDOM_TRUNK_LPIPS: ("LPIPS, random VGG trunk ↓", "{:.4f}"),
     "rfid": ("rFID ↓", "{:.3f}"),
 }
 
