@@ -278,3 +278,32 @@ def test_a_mistyped_local_path_is_a_missing_folder_not_a_hub_id(typo, tmp_path: 
     (tmp_path / "outputs" / "demo").mkdir(parents=True)
     with pytest.raises(ModelLoadError, match=f"^--model: no such file or folder {typo}$"):
         load_vae(typo, option="--model")
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for a test, and restore it."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_exports_and_latents_get_the_permissions_a_plain_write_gives(tmp_path: Path, umask, mask, mode):
+    """safetensors writes owner-only files (0600), so weights and exports were unreadable to the group whatever
+    the umask."""
+    from vae_hf.analysis.inference import save_latents
+    from vae_hf.io.export import save_vae
+
+    umask(mask)
+    vae = tiny_vae()
+    written = [
+        save_single_file(vae, tmp_path / "vae.safetensors"),
+        *sorted(save_vae(vae, tmp_path / "vae").iterdir()),
+        save_latents(tmp_path / "latents.safetensors", {"mean": torch.zeros(2)}, {}),
+    ]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {
+        path.name: oct(mode) for path in written
+    }
+    (tmp_path / "vae.safetensors").chmod(0o664)  # a file replaced keeps its mode, as a plain write would
+    assert save_single_file(vae, tmp_path / "vae.safetensors").stat().st_mode & 0o777 == 0o664

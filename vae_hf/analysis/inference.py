@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from vae_hf.data.datasets import ImageTransform
 from vae_hf.data.decode import DECODE_ERRORS, decode_image
 from vae_hf.errors import UserError
+from vae_hf.io.files import plain_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def save_latents(path: Path, latents: Mapping[str, torch.Tensor], metadata: Mapp
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in latents.items()}
     save_file(tensors, str(path), metadata={str(key): str(value) for key, value in metadata.items()})
-    return path
+    return plain_permissions(path)
 
 
 def load_latents(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from vae_hf.data.datasets import ImageDataset, ImageTransform
 from vae_hf.data.loader import collate
 from vae_hf.errors import UserError
+from vae_hf.io.files import plain_permissions
 
 
 class LatentStatsError(UserError, RuntimeError):
@@ -160,7 +161,7 @@ def write_factors(config_path: Path, scaling_factor: float, shift_factor: float 
     try:
         with os.fdopen(handle, "w") as file:
             file.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, config_path)
+        os.replace(plain_permissions(Path(temporary), config_path), config_path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise LatentStatsError(f"--write: cannot write {config_path}: {error.strerror or error}") from None
