@@ -134,7 +134,7 @@ def test_write_refuses_a_hub_id_and_a_single_file_before_any_work(tmp_path):
         config_to_write("someone/some-vae")
     single_file = tmp_path / "vae.safetensors"
     single_file.write_bytes(b"")
-    with pytest.raises(LatentStatsError, match="save it as a diffusers folder"):
+    with pytest.raises(LatentStatsError, match=r"vae-hf export --model .*vae.safetensors --diffusers DIR, offline"):
         config_to_write(str(single_file))
 
 

@@ -115,7 +115,7 @@ def test_fp32_round_trip_through_load_vae_reproduces_the_outputs(tmp_path: Path)
     vae = tiny_vae()
     path = save_single_file(vae, tmp_path / "vae.safetensors")
     loaded = load_vae(str(path)).eval()
-    assert loaded.config.block_out_channels == (32, 64)
+    assert list(loaded.config.block_out_channels) == [32, 64]
     assert loaded.config.layers_per_block == 1 and loaded.config.latent_channels == 4
     torch.testing.assert_close(reconstruct(loaded, images()), reconstruct(vae, images()), atol=1e-6, rtol=0)
 
@@ -307,3 +307,26 @@ def test_exports_and_latents_get_the_permissions_a_plain_write_gives(tmp_path: P
     }
     (tmp_path / "vae.safetensors").chmod(0o664)  # a file replaced keeps its mode, as a plain write would
     assert save_single_file(vae, tmp_path / "vae.safetensors").stat().st_mode & 0o777 == 0o664
+
+
+def test_export_diffusers_turns_a_single_file_into_a_folder_that_loads_offline(tmp_path: Path, capsys):
+    """diffusers' own from_single_file(path) fetches a reference config from the Hub; the folder needs nothing."""
+    vae = tiny_vae(seed=5)
+    single = save_single_file(vae, tmp_path / "vae.safetensors", dtype="fp32")
+    assert main(["export", "--model", str(single), "--diffusers", str(tmp_path / "folder")]) == 0
+    assert f"wrote {tmp_path / 'folder'} (diffusers folder)" in capsys.readouterr().out
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "folder").eval()
+    assert list(loaded.config.block_out_channels) == [32, 64]
+    assert torch.equal(reconstruct(loaded, images()), reconstruct(vae, images()))
+    # what the docs promise: diffusers reads the single file exactly, offline, given this folder as its config
+    from_diffusers = AutoencoderKL.from_single_file(str(single), config=str(tmp_path / "folder")).eval()
+    assert torch.equal(reconstruct(from_diffusers, images()), reconstruct(vae, images()))
+
+
+def test_export_diffusers_refuses_to_replace_a_folder_that_is_not_a_vae(tmp_path: Path, capsys):
+    single = save_single_file(tiny_vae(), tmp_path / "vae.safetensors")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"")
+    assert main(["export", "--model", str(single), "--diffusers", str(tmp_path / "photos")]) == 2
+    assert "is not a diffusers folder" in capsys.readouterr().err
+    assert (tmp_path / "photos" / "a.png").exists()

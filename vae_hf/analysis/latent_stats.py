@@ -130,8 +130,8 @@ def config_to_write(model: str) -> Path:
     path = Path(model).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
         raise LatentStatsError(
-            f"--write: {model} is a single file; save it as a diffusers folder first "
-            "(AutoencoderKL.from_single_file(...).save_pretrained(DIR)) and pass --model DIR"
+            f"--write: {model} is a single file; write it as a diffusers folder first "
+            f"(vae-hf export --model {model} --diffusers DIR, offline) and pass --model DIR"
         )
     if path.is_dir():
         for config in (path / "config.json", path / "vae" / "config.json"):

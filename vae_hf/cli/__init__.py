@@ -94,13 +94,19 @@ def _add_latent_stats(commands) -> None:
 
 
 def _add_export(commands) -> None:
-    parser = commands.add_parser("export", help="write one LDM-layout .safetensors for ComfyUI / A1111")
+    parser = commands.add_parser(
+        "export", help="write one LDM-layout .safetensors for ComfyUI / A1111, or a diffusers folder"
+    )
     parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
-    parser.add_argument("--single-file", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default="fp32", help="tensor precision")
-    parser.add_argument("--prefix", action="store_true", help="nest the keys under first_stage_model.")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--single-file", help="the .safetensors file to write (LDM layout)")
+    target.add_argument("--diffusers", metavar="DIR", help="the diffusers folder to write (config.json + weights)")
+    parser.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default=None, help="a single file's precision (fp32)")
+    parser.add_argument("--prefix", action="store_true", help="nest a single file's keys under first_stage_model.")
     parser.set_defaults(
-        run=lambda args: _command("export", "export_command")(args.model, args.single_file, args.dtype, args.prefix)
+        run=lambda args: _command("export", "export_command")(
+            args.model, args.single_file, args.dtype, args.prefix, args.diffusers
+        )
     )
 
 
