@@ -24,7 +24,7 @@ from vae_hf.analysis.evaluation import (
 )
 from vae_hf.cli import main
 
-from conftest import run_cli, tiny_vae
+from conftest import run_cli, tiny_vae, write_images
 
 OFFLINE = "cannot reach github.com: offline for this test"
 
@@ -284,3 +284,15 @@ def test_pretrained_lpips_offline_stops_at_once_naming_the_switch(
     assert status == 2
     message = capsys.readouterr().err.strip()
     assert "VGG16" in message and "--perceptual-random" in message and len(message.splitlines()) == 1
+
+
+def test_evaluate_says_how_many_images_it_enlarged_to_the_crop(two_models, image_folder, tmp_path, capsys):
+    """The default 256 px crop silently upscaled 96 px images; the scores then measure the enlargement too."""
+    write_images(image_folder / "large", 2, size=(64, 80))  # 8 images of 40 x 48 px and 2 of 64 x 80 px
+    out = tmp_path / "scores.json"
+    args = ["evaluate", "--model", two_models[0], "--data", str(image_folder), "--metrics", "psnr", "--num-workers"]
+    assert main([*args, "0", "--resolution", "64", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images_upscaled"] == 8
+    assert "upscaled: 8 image(s) have a short side under 64 px and were enlarged to it" in capsys.readouterr().out
+    assert main([*args, "0", "--resolution", "32", "--max-images", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images_upscaled"] == 0 and "upscaled" not in capsys.readouterr().out

@@ -13,6 +13,7 @@ unavailable with the reason, never as a made-up number.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, Metric
@@ -34,6 +36,7 @@ from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configur
 from vae_hf.analysis.samples import reconstruct
 from vae_hf.config import CHOICES, DataConfig
 from vae_hf.data.datasets import ImageDataset, ImageTransform, load_image_dataset, require_a_usable_image
+from vae_hf.data.decode import DECODE_ERRORS
 from vae_hf.data.loader import collate
 from vae_hf.errors import UserError
 from vae_hf.models.perceptual import build_lpips, require_vgg_weights
@@ -349,6 +352,7 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
         _require_writable(Path(request.out))
     vaes = [load_checked_vae(source, request.resolution) for source in request.models]  # before data: cheaper
     loader = image_loader(request)
+    upscaled = count_upscaled(loader.dataset.dataset, request.image_column, request.resolution, request.max_images)
     metrics = ReconstructionMetrics(request.metric_names, request.perceptual_pretrained, fid_features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
@@ -362,6 +366,7 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
         "resolution": request.resolution,
         "metrics": [metrics.score_name(name) for name in request.metric_names],
         "psnr_cap_db": PSNR_CAP_DB,
+        "images_upscaled": upscaled,
         "results": results,
     }
 
@@ -381,6 +386,25 @@ def image_loader(request: EvaluationRequest) -> DataLoader:
     transform = ImageTransform(request.resolution, center_crop=True)
     images = ImageDataset(dataset, config.image_column, transform, seed=0, max_pixels=config.max_image_pixels)
     return DataLoader(images, batch_size=request.batch_size, num_workers=request.num_workers, collate_fn=collate)
+
+
+def count_upscaled(dataset, image_column: str, resolution: int, limit: int | None = None) -> int:
+    """How many of the first `limit` images (all: None) have a short side under `resolution`: the crop enlarges
+    them first. Read from the file headers, nothing decoded; unreadable files are left to the loader to count."""
+    upscaled = 0
+    for index in range(min(len(dataset), limit or len(dataset))):
+        value = dataset[index][image_column]
+        try:
+            source = io.BytesIO(value["bytes"]) if isinstance(value, dict) and value.get("bytes") else _path(value)
+            with Image.open(source) as image:
+                upscaled += min(image.size) < resolution
+        except DECODE_ERRORS:
+            continue
+    return upscaled
+
+
+def _path(value: Any) -> str:
+    return str(value.get("path") if isinstance(value, dict) else value)
 
 
 def load_checked_vae(source: str, resolution: int) -> AutoencoderKL:
@@ -450,6 +474,12 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [f"\nrFID n/a: {reason}" for reason in reasons]
     if "psnr" in names:
         lines.append(f"\nPSNR: mean over images of each image's PSNR, capped at {PSNR_CAP_DB:g} dB (an exact copy).")
+    if report.get("images_upscaled"):
+        lines.append(
+            f"\nupscaled: {report['images_upscaled']} image(s) have a short side under {report['resolution']} px and "
+            "were enlarged to it before the centre crop, so their scores include the enlargement; --resolution "
+            "sets the crop size"
+        )
     return "\n".join(lines)
 
 
