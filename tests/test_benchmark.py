@@ -10,12 +10,22 @@ from conftest import run_cli, tiny_overrides, write_images
 
 def test_bench_writes_its_report(tmp_path):
     images = tmp_path / "images"
-    write_images(images, 16)
+    write_images(images, 4)  # an epoch of 2 steps: its end falls inside the timed steps
     out = tmp_path / "bench.json"
     overrides = tiny_overrides(images, tmp_path / "unused", **{"train.max_steps": 1})
     result = run_cli("bench", *overrides, "--steps", "3", "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    # nothing said about the benchmark's own temporary runs (it used to print "VAE saved to <deleted folder>")
+    assert "vae-hf-bench" not in result.stdout + result.stderr and "VAE saved" not in result.stdout
+    # steps 2-4 are timed: the sample written after step 1, the export and checkpoint at step 2's epoch end
+    expected_work = {"VAE exports": 1, "checkpoints": 1, "samples": 1, "evaluations": 0}
+    assert report["periodic_work"] == {"disc_off": expected_work, "disc_on": expected_work}
+    assert "periodic work inside the trainer's timed steps (discriminator off: 1 VAE exports, 1 checkpoints, " in (
+        result.stdout
+    )
+    # the loader is timed over enough batches, cycling the 2-batch folder, not over one
+    assert report["data_loader"]["batches_timed"] == 20 and report["data_loader"]["passes"] == 11
     for name in ("trainer_disc_off", "trainer_disc_on", "bare_disc_off", "bare_disc_on"):
         assert report[name]["s_per_step"] > 0 and report[name]["images_per_s"] > 0
         assert report[name]["steps_timed"] == 3  # after the warm-up, each trainer step paired with a bare one
@@ -95,6 +105,36 @@ def test_bench_times_the_loader_alone_without_building_a_model(image_folder, tmp
     monkeypatch.setattr(benchmark, "Trainer", None)  # nothing of the training side may be built
     config = load_config(None, tiny_overrides(image_folder, tmp_path / "out", **{"data.num_workers": 1}))
     report = benchmark.benchmark(config, steps=3, speed=False, loader=True)
-    assert report["data_loader"]["images_per_s"] > 0 and report["data_loader"]["batches_timed"] == 3
+    assert report["data_loader"]["images_per_s"] > 0 and report["data_loader"]["batches_timed"] == 20
+    assert report["data_loader"]["passes"] == 6  # 4 batches a pass; the first batch of all is not timed
     assert report["data_loader"]["workers"] == 1 and "trainer_disc_off" not in report
-    assert "data loader:" in benchmark.markdown(report)
+    assert "data loader: " in benchmark.markdown(report) and "(20 batches, 6 passes over the data)" in (
+        benchmark.markdown(report)
+    )
+
+
+def test_bench_with_nothing_to_measure_says_so(capsys):
+    """`--no-speed` alone printed the device line and exited 0."""
+    from vae_hf.cli import main
+
+    assert main(["bench", "--no-speed"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "vae-hf: error: --no-speed leaves nothing to measure; add --memory and/or --loader"
+    )
+
+
+def test_a_largest_batch_at_the_search_cap_is_not_reported_as_measured():
+    from vae_hf.perf.benchmark import LARGEST_BATCH_CAP, markdown
+
+    rows = [{"batch_size": 1, "gradient_checkpointing": flag, "peak_gib": 0.1} for flag in (False, True)]
+    memory = {
+        "method": "estimated",
+        "resolution": 32,
+        "rows": rows,
+        "budget_gib": 24.0,
+        "largest_batch": {"gradient_checkpointing_off": 100, "gradient_checkpointing_on": LARGEST_BATCH_CAP},
+        "largest_batch_cap": LARGEST_BATCH_CAP,
+    }
+    table = markdown({"device": "cpu", "versions": {"torch": "x"}, "date": "d", "memory": memory})
+    assert "| off | 0.10 | 100 (in 24.0 GiB) |" in table
+    assert f"| on | 0.10 | ≥ {LARGEST_BATCH_CAP} (search cap) (in 24.0 GiB) |" in table

@@ -152,3 +152,52 @@ def test_sd_vae_ft_mse_without_held_out_images_is_refused_at_start():
     recipe = ROOT / "configs" / "sd_vae_ft_mse.yaml"
     with pytest.raises(ConfigError, match="data.validation_split"):
         load_config(recipe, ["data.validation_fraction=0"])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "model:\n  block_out_channels: [32, 64]\n layers_per_block: 1\n",
+            ", line 3, column 2: did not find expected key",
+        ),
+        ("train:\n\tmax_steps: 3\n", ", line 2, column 1: found character that cannot start any token (a tab"),
+        (
+            "- seed: 1\n- output_dir: x\n",
+            ": the top level must be keys with values (seed:, model:, train:, ...), not a list",
+        ),
+    ],
+    ids=["bad-indentation", "tab", "top-level-list"],
+)
+def test_a_recipe_yaml_cannot_parse_is_refused_in_one_line_naming_file_and_line(text, expected, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}{expected}")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.max_steps", "train.max_steps: no value given; write train.max_steps=VALUE"),
+        (
+            "model.block_out_channels=32,64",
+            "model.block_out_channels: a list is written in brackets: model.block_out_channels=[32,64]",
+        ),
+        ("train.eval_metrics=psnr", "train.eval_metrics: a list is written in brackets: train.eval_metrics=[psnr]"),
+        ("optim.betas=[0.5,0.9", "optim.betas=[0.5,0.9: the value does not parse as YAML: did not find expected"),
+    ],
+)
+def test_an_override_typo_says_what_is_wrong(override, expected):
+    """A bare key used to become null (and the run trained the default 240 steps); a list without brackets failed
+    with `AnyNode is not a ListConfig`."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert str(error.value).startswith(expected) and "\n" not in str(error.value)
+
+
+def test_null_and_bracketed_lists_are_still_accepted():
+    config = load_config(None, ["train.max_steps=null", "data.reference_images=[]", "model.block_out_channels=[32,64]"])
+    assert config.train.max_steps is None and config.data.reference_images == []

@@ -136,6 +136,38 @@ def test_a_local_folder_loads_through_the_imagefolder_builder(image_folder):
     assert torch.equal(to_model_range(example), full) and -1 <= full.min() and full.max() <= 1
 
 
+@pytest.mark.parametrize("contents", [[], ["notes.txt", "metadata.json"], [".hidden/image.png", "__cache__/a.png"]])
+def test_a_folder_without_image_files_is_named_with_the_extensions_read(tmp_path, contents):
+    """The imagefolder builder said `Instruction "train" corresponds to no data!` or named neither folder nor why."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in contents:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".png"):
+            Image.new("RGB", (8, 8)).save(folder / name)
+        else:
+            (folder / name).write_text("{}")
+    with pytest.raises(DataError) as error:
+        training_dataset(DataConfig(dataset=str(folder), resolution=16), seed=0)
+    message = str(error.value)
+    assert message.startswith(f"data.dataset: no image files in {folder} (read recursively: .jpg, .jpeg, .png")
+    assert "\n" not in message
+
+
+def test_a_mistyped_local_folder_is_named_as_missing_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for typo in ("data/photso", "data/2024/photos", "./photos"):
+        with pytest.raises(DataError, match=f"^data.dataset: no such folder {typo}$"):
+            training_dataset(DataConfig(dataset=typo, resolution=16), seed=0)
+
+
+def test_images_in_subfolders_count_whatever_the_case_of_their_extension(tmp_path):
+    (tmp_path / "photos" / "day").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "photos" / "day" / "IMG_1.JPG", format="JPEG")
+    assert len(training_dataset(DataConfig(dataset=str(tmp_path / "photos"), resolution=16), seed=0)) == 1
+
+
 def test_reference_images_come_from_the_chosen_indices(image_folder):
     config = DataConfig(dataset=str(image_folder), resolution=16, reference_indices=[0, 3])
     images = reference_images(config)

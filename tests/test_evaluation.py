@@ -24,7 +24,7 @@ from vae_hf.analysis.evaluation import (
 )
 from vae_hf.cli import main
 
-from conftest import run_cli, tiny_vae
+from conftest import run_cli, tiny_vae, write_images
 
 OFFLINE = "cannot reach github.com: offline for this test"
 
@@ -94,10 +94,16 @@ def test_lpips_is_zero_on_identical_images_and_positive_on_different_ones(every_
     images = unit_images()
     every_metric.reset()
     every_metric.update(images, images)
-    assert every_metric.compute()["lpips"] == 0.0
+    assert every_metric.compute()["lpips_random_trunk"] == 0.0
     every_metric.reset()
     every_metric.update(images, unit_images(seed=1))
-    assert every_metric.compute()["lpips"] > 0.01
+    assert every_metric.compute()["lpips_random_trunk"] > 0.01
+
+
+def test_lpips_is_stored_under_its_own_name_only_with_the_pretrained_trunk():
+    assert ReconstructionMetrics(["psnr"], perceptual_pretrained=True).score_name("lpips") == "lpips"
+    assert ReconstructionMetrics(["psnr"], perceptual_pretrained=False).score_name("lpips") == "lpips_random_trunk"
+    assert ReconstructionMetrics(["psnr"], perceptual_pretrained=False).score_name("psnr") == "psnr"
 
 
 def test_rfid_with_injected_features_is_zero_for_one_set_and_positive_for_two():
@@ -222,10 +228,13 @@ def test_evaluate_command_writes_json_and_prints_one_table_row_per_model(two_mod
     assert [row["model"] for row in report["results"]] == two_models
     for row in report["results"]:
         assert row["num_images"] == 8 and row["images_skipped"] == 0 and row["resolution"] == 32
-        assert 0 < row["psnr"] < PSNR_CAP_DB and -1 <= row["ssim"] <= 1 and row["lpips"] > 0
+        assert 0 < row["psnr"] < PSNR_CAP_DB and -1 <= row["ssim"] <= 1 and row["lpips_random_trunk"] > 0
+        assert "lpips" not in row  # a random trunk's score is never stored as LPIPS
+    assert report["metrics"] == ["psnr", "ssim", "lpips_random_trunk"]
     assert report["results"][0]["psnr"] != report["results"][1]["psnr"]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| model | PSNR (dB)") and len(rows) == 4  # header, separator, two models
+    assert "| LPIPS, random VGG trunk ↓ |" in rows[0]
     assert rows[2].startswith(f"| {two_models[0]} | {report['results'][0]['psnr']:.2f} |")
 
 
@@ -275,3 +284,15 @@ def test_pretrained_lpips_offline_stops_at_once_naming_the_switch(
     assert status == 2
     message = capsys.readouterr().err.strip()
     assert "VGG16" in message and "--perceptual-random" in message and len(message.splitlines()) == 1
+
+
+def test_evaluate_says_how_many_images_it_enlarged_to_the_crop(two_models, image_folder, tmp_path, capsys):
+    """The default 256 px crop silently upscaled 96 px images; the scores then measure the enlargement too."""
+    write_images(image_folder / "large", 2, size=(64, 80))  # 8 images of 40 x 48 px and 2 of 64 x 80 px
+    out = tmp_path / "scores.json"
+    args = ["evaluate", "--model", two_models[0], "--data", str(image_folder), "--metrics", "psnr", "--num-workers"]
+    assert main([*args, "0", "--resolution", "64", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images_upscaled"] == 8
+    assert "upscaled: 8 image(s) have a short side under 64 px and were enlarged to it" in capsys.readouterr().out
+    assert main([*args, "0", "--resolution", "32", "--max-images", "3", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images_upscaled"] == 0 and "upscaled" not in capsys.readouterr().out

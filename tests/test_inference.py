@@ -247,3 +247,28 @@ def test_tile_flags_force_tiling_on_or_off_and_resolution_needs_tiling(tmp_path)
     assert not (tmp_path / "b").exists()
     assert reconstruct(str(tmp_path / "c"), "--no-tile") == 0
     assert size_of(tmp_path / "a" / "image_00.png") == size_of(tmp_path / "c" / "image_00.png") == (100, 80)
+
+
+def test_a_resolution_without_tile_says_that_small_images_were_reconstructed_whole(tmp_path, vae_folder, capsys):
+    """`--resolution 32` without `--tile` was silently ignored for images under 1 megapixel."""
+    write_images(tmp_path / "in", 2, size=(40, 48))
+    arguments = ["reconstruct", "--model", str(vae_folder), "--input", str(tmp_path / "in")]
+    assert main([*arguments, "--out", str(tmp_path / "out"), "--resolution", "32"]) == 0
+    note = capsys.readouterr().out.strip().splitlines()[-1]
+    assert note.startswith("note: --resolution 32 is the tile size of images over 1 megapixel; 2 of the 2 image(s)")
+    assert "--tile tiles every image larger than a tile" in note
+    assert size_of(tmp_path / "out" / "image_00.png") == (48, 40)
+    assert main([*arguments, "--out", str(tmp_path / "tiled"), "--resolution", "32", "--tile"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_the_input_folder_as_output_is_refused_and_an_input_file_is_never_overwritten(tmp_path, vae_folder, capsys):
+    """The same folder for --input and --out said "no image files in ..." although it held the images."""
+    write_images(tmp_path / "in", 2)
+    arguments = ["reconstruct", "--model", str(vae_folder), "--input"]
+    assert main([*arguments, str(tmp_path / "in"), "--out", str(tmp_path / "in")]) == 2
+    assert f"--out: {tmp_path / 'in'} is the --input folder" in one_error_line(capsys)
+    assert main([*arguments, str(tmp_path / "in" / "image_00.png"), "--out", str(tmp_path / "in")]) == 2
+    assert "would overwrite it" in one_error_line(capsys)
+    assert sorted(path.name for path in (tmp_path / "in").iterdir()) == ["image_00.png", "image_01.png"]
+    assert main([*arguments, str(tmp_path / "in"), "--out", str(tmp_path / "in" / "recon")]) == 0  # inside: fine

@@ -120,12 +120,21 @@ def test_write_replaces_the_config_in_one_rename_and_keeps_other_keys(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
 
 
+def test_write_keeps_the_mode_of_the_config_it_replaces(tmp_path):
+    """The temporary file (mkstemp: owner only) used to leave config.json at mode 0600."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"scaling_factor": 0.18215}))
+    config.chmod(0o644)
+    write_factors(config, 0.5)
+    assert config.stat().st_mode & 0o777 == 0o644
+
+
 def test_write_refuses_a_hub_id_and_a_single_file_before_any_work(tmp_path):
     with pytest.raises(LatentStatsError, match="download it first"):
         config_to_write("someone/some-vae")
     single_file = tmp_path / "vae.safetensors"
     single_file.write_bytes(b"")
-    with pytest.raises(LatentStatsError, match="save it as a diffusers folder"):
+    with pytest.raises(LatentStatsError, match=r"vae-hf export --model .*vae.safetensors --diffusers DIR, offline"):
         config_to_write(str(single_file))
 
 

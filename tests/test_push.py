@@ -350,3 +350,16 @@ def test_push_to_hub_without_access_fails_before_training(image_folder, tmp_path
     with pytest.raises(offline.OfflineError, match="pushing needs the Hugging Face Hub"):
         Trainer(load_config(None, tiny_overrides(image_folder, tmp_path / "run", **overrides)))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("typo", ["outputs/demo/vea", "outputs/vea"])
+def test_a_mistyped_local_model_is_named_before_the_hub_is_contacted(
+    typo, tmp_path, hub_reachable, monkeypatch, capsys
+):
+    """The README promises local input is checked first; the typo used to read "cannot reach huggingface.co"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "demo" / "vae").mkdir(parents=True)
+    probed = []
+    monkeypatch.setattr(offline, "unreachable_reason", lambda url, timeout_s=5.0: probed.append(url) or "timed out")
+    assert_push_fails(["--model", typo, "--repo-id", REPO_ID], capsys, f"--model: no such file or folder {typo}")
+    assert probed == [] and hub_reachable == {}

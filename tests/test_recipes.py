@@ -73,9 +73,7 @@ def test_celebahq_256_is_the_studys_loop():
     g = g + 0.5 * torch.nn.MSELoss()(disc_fake_pred, torch.ones_like(disc_fake_pred))
     g = g + 1.0 * torch.mean(case.lpips(output, x))
     fake, real = case.discriminator(output.detach()), case.discriminator(x)
-    d = 0.5 * (
-        torch.nn.MSELoss()(fake, torch.zeros_like(fake)) + torch.nn.MSELoss()(real, torch.ones_like(real))
-    ) / 2
+    d = 0.5 * (torch.nn.MSELoss()(fake, torch.zeros_like(fake)) + torch.nn.MSELoss()(real, torch.ones_like(real))) / 2
 
     torch.testing.assert_close(g_loss, g, rtol=1e-12, atol=0)
     torch.testing.assert_close(d_loss, d, rtol=1e-12, atol=0)

@@ -188,8 +188,32 @@ def test_resuming_with_another_model_shape_is_refused(images, tmp_path):
 def test_resume_latest_without_checkpoints_starts_fresh_and_a_bad_path_is_refused(images, tmp_path):
     trainer = build(images, tmp_path / "run", **{"train.resume_from": "latest"})
     assert trainer.progress.global_step == 0
-    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint folder .*nowhere$"):
         build(images, tmp_path / "other", **{"train.resume_from": str(tmp_path / "nowhere")})
+
+
+def test_a_resume_path_that_is_not_a_checkpoint_says_what_it_is(tmp_path):
+    """`latests`, a missing path and the run folder itself all used to read "not a complete checkpoint folder"."""
+    from vae_hf.train.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    checkpointer = Checkpointer(None, run / "checkpoints")
+    expected = {
+        "latests": "no such checkpoint folder latests; did you mean latest?",
+        "lastest": "no such checkpoint folder lastest; did you mean latest?",
+        str(tmp_path / "gone"): f"no such checkpoint folder {tmp_path / 'gone'}",
+        str(run): f"{run} holds checkpoints but is not one; give one of {run / 'checkpoints'}/checkpoint-<step>",
+        str(run / "checkpoints"): f"{run / 'checkpoints'} holds checkpoints but is not one",
+        str(tmp_path / "empty"): "is not a complete checkpoint folder (no trainer_state.json)",
+    }
+    for resume_from, message in expected.items():
+        with pytest.raises(CheckpointError) as error:
+            checkpointer.resolve(resume_from)
+        assert message in str(error.value) and str(error.value).startswith("train.resume_from: ")
+    assert checkpointer.resolve(str(run / "checkpoints" / "checkpoint-4")) == run / "checkpoints" / "checkpoint-4"
 
 
 def test_resume_can_extend_max_steps(images, tmp_path):

@@ -115,7 +115,7 @@ def test_fp32_round_trip_through_load_vae_reproduces_the_outputs(tmp_path: Path)
     vae = tiny_vae()
     path = save_single_file(vae, tmp_path / "vae.safetensors")
     loaded = load_vae(str(path)).eval()
-    assert loaded.config.block_out_channels == (32, 64)
+    assert list(loaded.config.block_out_channels) == [32, 64]
     assert loaded.config.layers_per_block == 1 and loaded.config.latent_channels == 4
     torch.testing.assert_close(reconstruct(loaded, images()), reconstruct(vae, images()), atol=1e-6, rtol=0)
 
@@ -230,3 +230,103 @@ def test_a_single_file_without_our_header_gets_ldms_training_size(tmp_path):
     assert load_vae(str(bare)).config.sample_size == 256
     ours = save_single_file(vae, tmp_path / "ours.safetensors")
     assert load_vae(str(ours)).config.sample_size == 64
+
+
+HUB_ID = "someone/tiny-vae"
+LOAD_FROM_CACHE = """
+import warnings
+warnings.simplefilter("always")  # a warning printed once per interpreter must show here
+from vae_hf.models.vae import load_vae
+print(load_vae("someone/tiny-vae").config.block_out_channels)
+"""
+
+
+def fill_hub_cache(cache: Path, vae: AutoencoderKL) -> None:
+    """A Hub model as huggingface_hub caches it: refs/main names a snapshot folder holding the files."""
+    repo = cache / f"models--{HUB_ID.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    vae.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_id_missing_from_the_cache_in_offline_mode_says_so(monkeypatch):
+    """diffusers said "does not appear to have a file named config.json", after a deprecation warning."""
+    from vae_hf.offline import OfflineError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError) as error:
+        load_vae("vae-hf-tests/never-downloaded", option="--model")
+    message = str(error.value)
+    assert message.startswith("--model: vae-hf-tests/never-downloaded is not in the local Hugging Face cache")
+    assert "HF_HUB_OFFLINE=1 keeps the Hub off" in message and "\n" not in message
+
+
+def test_a_cached_hub_model_loads_offline_without_a_warning(tmp_path: Path):
+    fill_hub_cache(tmp_path / "hub", tiny_vae())
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_FROM_CACHE], cwd=tmp_path, capture_output=True, text=True, env=environment
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[32, 64]" and "Warning" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("typo", ["outputs/demo/vea", "outputs/vea"])
+def test_a_mistyped_local_path_is_a_missing_folder_not_a_hub_id(typo, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match=f"^--model: no such file or folder {typo}$"):
+        load_vae(typo, option="--model")
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for a test, and restore it."""
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_exports_and_latents_get_the_permissions_a_plain_write_gives(tmp_path: Path, umask, mask, mode):
+    """safetensors writes owner-only files (0600), so weights and exports were unreadable to the group whatever
+    the umask."""
+    from vae_hf.analysis.inference import save_latents
+    from vae_hf.io.export import save_vae
+
+    umask(mask)
+    vae = tiny_vae()
+    written = [
+        save_single_file(vae, tmp_path / "vae.safetensors"),
+        *sorted(save_vae(vae, tmp_path / "vae").iterdir()),
+        save_latents(tmp_path / "latents.safetensors", {"mean": torch.zeros(2)}, {}),
+    ]
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {
+        path.name: oct(mode) for path in written
+    }
+    (tmp_path / "vae.safetensors").chmod(0o664)  # a file replaced keeps its mode, as a plain write would
+    assert save_single_file(vae, tmp_path / "vae.safetensors").stat().st_mode & 0o777 == 0o664
+
+
+def test_export_diffusers_turns_a_single_file_into_a_folder_that_loads_offline(tmp_path: Path, capsys):
+    """diffusers' own from_single_file(path) fetches a reference config from the Hub; the folder needs nothing."""
+    vae = tiny_vae(seed=5)
+    single = save_single_file(vae, tmp_path / "vae.safetensors", dtype="fp32")
+    assert main(["export", "--model", str(single), "--diffusers", str(tmp_path / "folder")]) == 0
+    assert f"wrote {tmp_path / 'folder'} (diffusers folder)" in capsys.readouterr().out
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "folder").eval()
+    assert list(loaded.config.block_out_channels) == [32, 64]
+    assert torch.equal(reconstruct(loaded, images()), reconstruct(vae, images()))
+    # what the docs promise: diffusers reads the single file exactly, offline, given this folder as its config
+    from_diffusers = AutoencoderKL.from_single_file(str(single), config=str(tmp_path / "folder")).eval()
+    assert torch.equal(reconstruct(from_diffusers, images()), reconstruct(vae, images()))
+
+
+def test_export_diffusers_refuses_to_replace_a_folder_that_is_not_a_vae(tmp_path: Path, capsys):
+    single = save_single_file(tiny_vae(), tmp_path / "vae.safetensors")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"")
+    assert main(["export", "--model", str(single), "--diffusers", str(tmp_path / "photos")]) == 2
+    assert "is not a diffusers folder" in capsys.readouterr().err
+    assert (tmp_path / "photos" / "a.png").exists()

@@ -7,6 +7,7 @@ import pytest
 from vae_hf.config import load_config
 from vae_hf.data import DataError
 from vae_hf.data.datasets import heldout_dataset
+from vae_hf.io.model_card import read_run, render_card
 from vae_hf.train.trainer import Trainer
 
 from conftest import tiny_overrides
@@ -49,12 +50,15 @@ def test_training_records_baseline_progress_final_scores_and_latent_stats(image_
         for model in ("eval", "eval_ema"):
             scores = record[label][model]
             assert scores["num_images"] == 2
-            assert 0 < scores["psnr"] < 100 and 0 < scores["ssim"] <= 1 and scores["lpips"] >= 0
+            assert 0 < scores["psnr"] < 100 and 0 < scores["ssim"] <= 1 and scores["lpips_random_trunk"] >= 0
+            assert "lpips" not in scores  # loss.perceptual_pretrained=false: never stored as plain LPIPS
             # offline, the Inception weights are unavailable: said, not faked
             assert scores["rfid"] is None and scores["rfid_unavailable"]
     assert record["final"]["eval"]["psnr"] > record["baseline"]["eval"]["psnr"]  # it learned something
     stats = record["latent_stats"]
     assert stats["scaling_factor"] == pytest.approx(1 / stats["std"])
+    card = render_card(read_run(tmp_path / "run" / "vae"), "alice/tiny-vae", None)
+    assert "| final.eval.lpips_random_trunk |" in card and "| final.eval.lpips |" not in card
 
 
 def test_resumed_runs_keep_their_baseline(image_folder, tmp_path):

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vae_hf.errors import UserError
@@ -426,8 +427,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file not found: {path}")
     try:
         schema = OmegaConf.structured(Config)
-        from_file = _choices_as_typed(OmegaConf.load(path))
-        from_cli = _choices_as_typed(OmegaConf.from_dotlist(list(overrides or [])))
+        from_file = _choices_as_typed(read_yaml(path))
+        from_cli = _choices_as_typed(parse_overrides(list(overrides or []), schema))
         merged = OmegaConf.merge(schema, from_file, from_cli)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
@@ -437,6 +438,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise
         raise ConfigError(str(error).splitlines()[0]) from None
     return config
+
+
+def read_yaml(path: Path) -> DictConfig:
+    """The recipe file as a mapping; a file YAML cannot parse, or whose top level is not a mapping, is refused in
+    one line naming the file and the line."""
+    try:
+        values = OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        if mark is None:
+            raise ConfigError(f"{path}: {_yaml_problem(error)}") from None
+        lines = path.read_text(errors="replace").splitlines() + [""]
+        tab = " (a tab: YAML indents with spaces)" if "\t" in lines[min(mark.line, len(lines) - 1)] else ""
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError(f"{where}: {_yaml_problem(error)}{tab}") from None
+    if not isinstance(values, DictConfig):
+        kind = "list" if isinstance(values, ListConfig) else type(values).__name__
+        raise ConfigError(f"{path}: the top level must be keys with values (seed:, model:, train:, ...), not a {kind}")
+    return values
+
+
+def _yaml_problem(error: yaml.YAMLError, context: bool = True) -> str:
+    """PyYAML's several-line report as one line: what is wrong, and (with `context`) what it was reading when that
+    began on an earlier line."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if not context:
+        return problem
+    reading, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    problem_mark = getattr(error, "problem_mark", None)
+    if reading and context_mark is not None and problem_mark is not None and context_mark.line < problem_mark.line:
+        return f"{problem} ({reading} that starts on line {context_mark.line + 1})"
+    return problem
+
+
+def parse_overrides(items: list[str], schema: DictConfig) -> DictConfig:
+    """`key=value` items as a config; each bad item is refused naming it (OmegaConf reads a bare key as null)."""
+    for item in items:
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ConfigError(f"{item}: no value given; write {item}=VALUE (or {item}=null for none)")
+        if not key.strip():
+            raise ConfigError(f"{item}: no key given; an override is written key=value")
+        if _is_list_key(schema, key) and not value.strip().startswith("[") and value.strip() != "null":
+            raise ConfigError(f"{key}: a list is written in brackets: {key}=[{value}]")
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as error:
+            problem = _yaml_problem(error, context=False)
+            raise ConfigError(f"{item}: the value does not parse as YAML: {problem}") from None
+    return OmegaConf.from_dotlist(items)
+
+
+def _is_list_key(schema: DictConfig, key: str) -> bool:
+    try:
+        return isinstance(OmegaConf.select(schema, key, default=None), ListConfig)
+    except OmegaConfBaseException:  # a key that does not exist: the merge names it
+        return False
 
 
 def _choices_as_typed(values):

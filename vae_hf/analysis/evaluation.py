@@ -13,6 +13,7 @@ unavailable with the reason, never as a made-up number.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, Metric
@@ -34,6 +36,7 @@ from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configur
 from vae_hf.analysis.samples import reconstruct
 from vae_hf.config import CHOICES, DataConfig
 from vae_hf.data.datasets import ImageDataset, ImageTransform, load_image_dataset, require_a_usable_image
+from vae_hf.data.decode import DECODE_ERRORS
 from vae_hf.data.loader import collate
 from vae_hf.errors import UserError
 from vae_hf.models.perceptual import build_lpips, require_vgg_weights
@@ -43,6 +46,9 @@ from vae_hf.offline import OfflineError, unreachable_reason
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = CHOICES["train.eval_metrics"]
+# LPIPS through a randomly initialised VGG trunk (offline tests) is not the LPIPS of the literature: its score is
+# stored and shown under this name, so that it is never read or compared as one.
+RANDOM_TRUNK_LPIPS = "lpips_random_trunk"
 
 # An exact reconstruction has infinite PSNR; one such image would make the mean infinite. Each image's
 # PSNR is therefore capped at 100 dB (an MSE of 1e-10), far above any real VAE (SD's is about 25-35 dB),
@@ -103,6 +109,7 @@ class ReconstructionMetrics(nn.Module):
     def __init__(self, names: Sequence[str], perceptual_pretrained: bool = True, fid_features: nn.Module | None = None):
         super().__init__()
         self.names = tuple(names)
+        self.perceptual_pretrained = perceptual_pretrained
         self.counts = ImageCounts()
         self.scores = nn.ModuleDict()
         self.rfid_unavailable: str | None = None
@@ -155,9 +162,14 @@ class ReconstructionMetrics(nn.Module):
             results.update(self._score(name, num_images))
         return results
 
+    def score_name(self, name: str) -> str:
+        """The key a metric's score is stored and shown under: `lpips_random_trunk` for LPIPS without the
+        pretrained trunk, else the metric's name."""
+        return RANDOM_TRUNK_LPIPS if name == "lpips" and not self.perceptual_pretrained else name
+
     def _score(self, name: str, num_images: int) -> dict[str, Any]:
         if name != "rfid":
-            return {name: float(self.scores[name].compute())}
+            return {self.score_name(name): float(self.scores[name].compute())}
         reason = self.rfid_unavailable
         if reason is None and num_images < 2:  # a covariance needs two samples
             reason = f"rFID needs at least 2 images, got {num_images}"
@@ -340,6 +352,7 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
         _require_writable(Path(request.out))
     vaes = [load_checked_vae(source, request.resolution) for source in request.models]  # before data: cheaper
     loader = image_loader(request)
+    upscaled = count_upscaled(loader.dataset.dataset, request.image_column, request.resolution, request.max_images)
     metrics = ReconstructionMetrics(request.metric_names, request.perceptual_pretrained, fid_features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
@@ -351,8 +364,9 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
         "data": request.data,
         "split": request.split,
         "resolution": request.resolution,
-        "metrics": list(request.metric_names),
+        "metrics": [metrics.score_name(name) for name in request.metric_names],
         "psnr_cap_db": PSNR_CAP_DB,
+        "images_upscaled": upscaled,
         "results": results,
     }
 
@@ -372,6 +386,25 @@ def image_loader(request: EvaluationRequest) -> DataLoader:
     transform = ImageTransform(request.resolution, center_crop=True)
     images = ImageDataset(dataset, config.image_column, transform, seed=0, max_pixels=config.max_image_pixels)
     return DataLoader(images, batch_size=request.batch_size, num_workers=request.num_workers, collate_fn=collate)
+
+
+def count_upscaled(dataset, image_column: str, resolution: int, limit: int | None = None) -> int:
+    """How many of the first `limit` images (all: None) have a short side under `resolution`: the crop enlarges
+    them first. Read from the file headers, nothing decoded; unreadable files are left to the loader to count."""
+    upscaled = 0
+    for index in range(min(len(dataset), limit or len(dataset))):
+        value = dataset[index][image_column]
+        try:
+            source = io.BytesIO(value["bytes"]) if isinstance(value, dict) and value.get("bytes") else _path(value)
+            with Image.open(source) as image:
+                upscaled += min(image.size) < resolution
+        except DECODE_ERRORS:
+            continue
+    return upscaled
+
+
+def _path(value: Any) -> str:
+    return str(value.get("path") if isinstance(value, dict) else value)
 
 
 def load_checked_vae(source: str, resolution: int) -> AutoencoderKL:
@@ -421,6 +454,7 @@ COLUMNS = {
     "psnr": ("PSNR (dB) ↑", "{:.2f}"),
     "ssim": ("SSIM ↑", "{:.4f}"),
     "lpips": ("LPIPS ↓", "{:.4f}"),
+    RANDOM_TRUNK_LPIPS: ("LPIPS, random VGG trunk ↓", "{:.4f}"),
     "rfid": ("rFID ↓", "{:.3f}"),
 }
 
@@ -440,6 +474,12 @@ def format_table(report: dict[str, Any]) -> str:
     lines += [f"\nrFID n/a: {reason}" for reason in reasons]
     if "psnr" in names:
         lines.append(f"\nPSNR: mean over images of each image's PSNR, capped at {PSNR_CAP_DB:g} dB (an exact copy).")
+    if report.get("images_upscaled"):
+        lines.append(
+            f"\nupscaled: {report['images_upscaled']} image(s) have a short side under {report['resolution']} px and "
+            "were enlarged to it before the centre crop, so their scores include the enlargement; --resolution "
+            "sets the crop size"
+        )
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from vae_hf.data.datasets import ImageTransform
 from vae_hf.data.decode import DECODE_ERRORS, decode_image
 from vae_hf.errors import UserError
+from vae_hf.io.files import plain_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def save_latents(path: Path, latents: Mapping[str, torch.Tensor], metadata: Mapp
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in latents.items()}
     save_file(tensors, str(path), metadata={str(key): str(value) for key, value in metadata.items()})
-    return path
+    return plain_permissions(path)
 
 
 def load_latents(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -296,11 +297,19 @@ def reconstruct_images(
 ) -> ReconstructionSummary:
     """Reconstruct `source` (a file, or a folder read recursively) into `out_dir` as PNGs."""
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
+    if source.is_dir() and out_dir.resolve() == source.resolve():
+        raise InferenceError(
+            f"--out: {out_dir} is the --input folder; its PNGs would be overwritten by their reconstructions "
+            "and a rerun would read the reconstructions as inputs: choose another folder (one inside it is fine)"
+        )
     paths = find_images(source, exclude=out_dir.resolve())
     if not paths:
         raise InferenceError(f"--input: no image files in {source}")
     root = source if source.is_dir() else source.parent
     names = output_names([path.relative_to(root) for path in paths])
+    for path, name in zip(paths, names, strict=True):
+        if (out_dir / name).resolve() == path.resolve():
+            raise InferenceError(f"--out: the reconstruction of {path} would overwrite it; choose another folder")
     reconstructor = Reconstructor(vae, out_dir, save_latents, model_name, auto_tile)
     summary = ReconstructionSummary()
     with tqdm(total=len(paths), unit="image", desc="reconstruct", leave=False) as bar:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from vae_hf.data.datasets import ImageDataset, ImageTransform
 from vae_hf.data.loader import collate
 from vae_hf.errors import UserError
+from vae_hf.io.files import plain_permissions
 
 
 class LatentStatsError(UserError, RuntimeError):
@@ -129,8 +130,8 @@ def config_to_write(model: str) -> Path:
     path = Path(model).expanduser()
     if path.suffix == ".safetensors" and path.is_file():
         raise LatentStatsError(
-            f"--write: {model} is a single file; save it as a diffusers folder first "
-            "(AutoencoderKL.from_single_file(...).save_pretrained(DIR)) and pass --model DIR"
+            f"--write: {model} is a single file; write it as a diffusers folder first "
+            f"(vae-hf export --model {model} --diffusers DIR, offline) and pass --model DIR"
         )
     if path.is_dir():
         for config in (path / "config.json", path / "vae" / "config.json"):
@@ -160,7 +161,7 @@ def write_factors(config_path: Path, scaling_factor: float, shift_factor: float 
     try:
         with os.fdopen(handle, "w") as file:
             file.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, config_path)
+        os.replace(plain_permissions(Path(temporary), config_path), config_path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise LatentStatsError(f"--write: cannot write {config_path}: {error.strerror or error}") from None

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
+import os
 import sys
+import time
 
 from vae_hf.cli.train import add_train_arguments, run_train
 from vae_hf.config import CHOICES, WEIGHT_DTYPES
@@ -100,13 +103,19 @@ def _add_latent_stats(commands) -> None:
 
 
 def _add_export(commands) -> None:
-    parser = commands.add_parser("export", help="write one LDM-layout .safetensors for ComfyUI / A1111")
+    parser = commands.add_parser(
+        "export", help="write one LDM-layout .safetensors for ComfyUI / A1111, or a diffusers folder"
+    )
     parser.add_argument("--model", required=True, help="diffusers folder, Hub id, or single-file .safetensors")
-    parser.add_argument("--single-file", required=True, help="the .safetensors file to write")
-    parser.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default="fp32", help="tensor precision")
-    parser.add_argument("--prefix", action="store_true", help="nest the keys under first_stage_model.")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--single-file", help="the .safetensors file to write (LDM layout)")
+    target.add_argument("--diffusers", metavar="DIR", help="the diffusers folder to write (config.json + weights)")
+    parser.add_argument("--dtype", choices=tuple(WEIGHT_DTYPES), default=None, help="a single file's precision (fp32)")
+    parser.add_argument("--prefix", action="store_true", help="nest a single file's keys under first_stage_model.")
     parser.set_defaults(
-        run=lambda args: _command("export", "export_command")(args.model, args.single_file, args.dtype, args.prefix)
+        run=lambda args: _command("export", "export_command")(
+            args.model, args.single_file, args.dtype, args.prefix, args.diffusers
+        )
     )
 
 
@@ -258,8 +267,25 @@ def guarded(command) -> int:
     try:
         return command()
     except UserError as error:
-        print(f"vae-hf: error: {error}", file=sys.stderr)
+        message = f"vae-hf: error: {error}"
+        print(message, file=sys.stderr, flush=True)
+        tell_launcher(message)
         return 2
     except KeyboardInterrupt:
         print("vae-hf: interrupted", file=sys.stderr)
         return 130
+
+
+def tell_launcher(message: str) -> None:
+    """Under torchrun (`accelerate launch` with several processes) also write the reason to the error file the
+    launcher reads, so that its failure summary, printed last, shows it as the root cause instead of "To enable
+    traceback see ...". The single-process launcher reads no file: there our line is the last before accelerate's
+    `CalledProcessError` traceback (see the README)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as file:  # torch's format for a message without a traceback
+            json.dump({"message": message, "timestamp": int(time.time())}, file)
+    except OSError:
+        pass  # the reason is on stderr already; a launcher's unwritable file must not hide it

@@ -6,10 +6,7 @@ import json
 from pathlib import Path
 
 from vae_hf.config import load_config
-from vae_hf.perf.benchmark import (
-    benchmark,
-    markdown,
-)
+from vae_hf.perf.benchmark import benchmark, markdown, require_a_measurement
 
 
 def bench_command(
@@ -24,6 +21,7 @@ def bench_command(
     memory_budget_gb: float | None = None,
     loader: bool = False,
 ) -> int:
+    require_a_measurement(speed, memory, loader)  # before the config and the models are loaded
     config = load_config(config_path, overrides)
     report = benchmark(config, steps, warmup, peak_tflops, speed, memory, memory_budget_gb, loader)
     print(markdown(report))

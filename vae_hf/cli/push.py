@@ -12,6 +12,7 @@ from vae_hf.io.hub import (
     require_push_access,
     upload,
 )
+from vae_hf.offline import is_local_path
 
 
 def push_command(model: str, repo_id: str, private: bool, commit_message: str, license_id: str | None = None) -> int:
@@ -23,7 +24,9 @@ def push_command(model: str, repo_id: str, private: bool, commit_message: str, l
     """
     check_repo_id(repo_id)
     source = Path(model).expanduser()
-    is_hub_id = not (source.exists() or source.suffix == ".safetensors" or model.startswith((".", "/", "~")))
+    is_hub_id = not (source.suffix == ".safetensors" or is_local_path(model))
+    if not is_hub_id and not source.exists():  # checked before the Hub is contacted, as local input always is
+        raise PushError(f"--model: no such file or folder {model}")
     with tempfile.TemporaryDirectory(prefix="vae-hf-convert-") as temporary:
         converted = Path(temporary) / "vae"
         if source.is_dir():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vae_hf.analysis.inference import (
+    AUTO_TILE_PIXELS,
     InferenceError,
     auto_tile_size,
     configure_tiling,
@@ -38,4 +39,11 @@ def reconstruct_command(
         f"wrote {summary.written} reconstruction(s){latents_note} to {out_dir}{tiled_note}; "
         f"{summary.cropped} cropped to a multiple of {factor} px, {summary.skipped} unreadable skipped"
     )
+    untiled = summary.written - summary.tiled
+    if tile is None and resolution is not None and untiled:  # a tile size, used only where tiling is automatic
+        print(
+            f"note: --resolution {resolution} is the tile size of images over {AUTO_TILE_PIXELS / 2**20:g} "
+            f"megapixel; {untiled} of the {summary.written} image(s) were smaller and reconstructed whole, at their "
+            "own size; --tile tiles every image larger than a tile (reconstruct never resizes)"
+        )
     return 0

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 from datasets import Image as ImageFeature
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
@@ -22,7 +23,7 @@ from vae_hf.config import DataConfig
 from vae_hf.data import DataError
 from vae_hf.data.decode import DECODE_ERRORS, decode_image, describe
 from vae_hf.data.loader import to_model_range
-from vae_hf.offline import require_hub
+from vae_hf.offline import is_local_path, require_hub
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
     """The configured split with its image column left undecoded (paths or bytes)."""
     split = split or config.split
     if is_local(config.dataset):
+        require_image_files(Path(config.dataset).expanduser())
         dataset = _load(
             lambda: load_dataset(
                 "imagefolder", data_dir=str(Path(config.dataset).expanduser()), split=split, streaming=config.streaming
@@ -43,8 +45,10 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
             split,
         )
     else:
-        if Path(config.dataset).expanduser().exists() or config.dataset.startswith((".", "/", "~")):
+        if Path(config.dataset).expanduser().exists():
             raise DataError(f"data.dataset: {config.dataset} is not a folder")
+        if is_local_path(config.dataset):
+            raise DataError(f"data.dataset: no such folder {config.dataset}")
         require_hub(
             f"data.dataset={config.dataset}",
             "Use a local image folder, or pre-download the dataset and set HF_DATASETS_OFFLINE=1.",
@@ -58,6 +62,24 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
             f"data.image_column: no column {config.image_column!r} in {config.dataset} (columns: {', '.join(columns)})"
         )
     return dataset.cast_column(config.image_column, ImageFeature(decode=False))
+
+
+# What the `imagefolder` builder reads: every extension Pillow opens, in any case, hidden files and folders left out.
+IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
+COMMON_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def require_image_files(folder: Path) -> None:
+    """Stop with one line when a local folder holds no file the `imagefolder` builder would read (its own message,
+    `Instruction "train" corresponds to no data!`, names neither the folder nor what it looks for)."""
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith((".", "__")) for part in path.relative_to(folder).parts)
+        if not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            return
+    raise DataError(
+        f"data.dataset: no image files in {folder} (read recursively: {', '.join(COMMON_EXTENSIONS)} and the "
+        f"other {len(IMAGE_EXTENSIONS) - len(COMMON_EXTENSIONS)} extensions Pillow opens)"
+    )
 
 
 def _load(loader, name: str, split: str):

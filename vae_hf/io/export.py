@@ -9,6 +9,7 @@ from pathlib import Path
 from diffusers import AutoencoderKL
 
 from vae_hf.errors import UserError
+from vae_hf.io.files import plain_permissions
 
 
 def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
@@ -24,6 +25,7 @@ def save_vae(vae: AutoencoderKL, folder: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         vae.save_pretrained(staging, safe_serialization=True)
+        plain_permissions(staging)  # safetensors writes its files for the owner only
     except OSError as error:  # a full disk or an unwritable folder: the previous export stays as it was
         shutil.rmtree(staging, ignore_errors=True)
         raise ExportError(f"cannot write the VAE to {folder}: {error.strerror or error}") from None

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from vae_hf.config import WEIGHT_DTYPES
 from vae_hf.io.export import ExportError
+from vae_hf.io.files import plain_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def save_single_file(vae: AutoencoderKL, path: Path, dtype: str = "fp32", prefix
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(staging), metadata=header)
-        os.replace(staging, path)
+        os.replace(plain_permissions(staging, path), path)
     except (OSError, SafetensorError) as error:
         staging.unlink(missing_ok=True)
         raise ExportError(f"cannot write {path}: {getattr(error, 'strerror', None) or error}") from None

@@ -7,6 +7,7 @@ pipelines load, so whatever we train drops straight into them.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ from torch import nn
 from vae_hf.config import ModelConfig
 from vae_hf.errors import UserError
 from vae_hf.io.single_file import load_single_file
-from vae_hf.offline import OfflineError, require_hub
+from vae_hf.offline import OfflineError, hub_offline_mode, is_local_path, require_cached_model, require_hub
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -62,10 +63,16 @@ def load_vae(source: str, subfolder: str | None = None, option: str = "model.pre
             if subfolder is None and not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
                 subfolder = "vae"  # a whole pipeline folder: take its VAE
             return AutoencoderKL.from_pretrained(str(path), subfolder=subfolder)
-        if path.exists() or source.startswith((".", "/", "~")):
+        if path.exists():
             raise ModelLoadError(f"{option}: {source} is neither a diffusers folder nor a .safetensors file")
+        if is_local_path(source):
+            raise ModelLoadError(f"{option}: no such file or folder {source}")
         require_hub(f"{option}={source}", "Give a local folder, or pre-download it and set HF_HUB_OFFLINE=1.")
-        return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
+        if hub_offline_mode():  # diffusers would say only that the repo has no config.json
+            require_cached_model(source, subfolder, option)
+        with warnings.catch_warnings():  # diffusers passes an argument huggingface_hub deprecated; not the user's doing
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return AutoencoderKL.from_pretrained(source, subfolder=subfolder)
     except (ModelLoadError, OfflineError):
         raise
     except (OSError, ValueError, EnvironmentError) as error:

@@ -9,7 +9,9 @@ from PyTorch's counter / step time / the device's peak, when the peak is known o
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import resource
 import statistics
 import tempfile
@@ -25,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vae_hf.config import Config
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
+from vae_hf.errors import UserError
 from vae_hf.models.vae import build_vae
 from vae_hf.perf.floor import floor_step
 from vae_hf.perf.memory import (
@@ -42,6 +45,23 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX
 NEVER = 10**9
 MEMORY_BATCHES = (1, 4, 8)
 DEFAULT_BUDGET_GB = 24.0
+LARGEST_BATCH_CAP = 256
+"""The search for the largest batch stops here: a batch that still fits is reported as at least this."""
+MIN_LOADER_BATCHES = 20
+"""The loader is timed over at least this many batches, cycling the data: one batch of a small folder, mostly
+served from the page cache, measured 39,324 images/s."""
+# The trainer's periodic work, by the method that does it: the benchmark counts what falls inside its timed steps.
+PERIODIC_WORK = {"save_vae": "VAE exports", "save_checkpoint": "checkpoints", "write_sample": "samples",
+                 "evaluate": "evaluations"}  # fmt: skip
+
+
+class BenchError(UserError, ValueError):
+    """The benchmark was asked for nothing it can measure; the message says what to add."""
+
+
+def require_a_measurement(speed: bool, memory: bool, loader: bool) -> None:
+    if not (speed or memory or loader):
+        raise BenchError("--no-speed leaves nothing to measure; add --memory and/or --loader")
 
 
 def benchmark(
@@ -56,6 +76,7 @@ def benchmark(
 ) -> dict[str, Any]:
     """The speed section (trainer and bare loop, discriminator off and on, which includes the data
     loader's rate), or the loader alone, and/or the memory section; returns the JSON-ready report."""
+    require_a_measurement(speed, memory, loader)
     device = _default_device()
     report: dict[str, Any] = {
         "device": _device_name(device),
@@ -71,21 +92,27 @@ def benchmark(
         with tempfile.TemporaryDirectory(prefix="vae-hf-bench-") as scratch:
             report.update(_speed(_benchmark_config(config, Path(scratch), steps + warmup), steps, warmup, peak_tflops))
     elif loader:
-        report["data_loader"] = loader_section(config, steps)
+        report["data_loader"] = loader_section(config, steps * config.train.gradient_accumulation_steps)
     if memory:
         report["memory"] = memory_section(config, device, memory_budget_gb)
     return report
 
 
 def _speed(config: Config, steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"periodic_work": {}}
     for disc in ("off", "on"):
-        trainer = _trainer(config, disc_start=NEVER if disc == "off" else 0)
-        report[f"trainer_disc_{disc}"], report[f"bare_disc_{disc}"] = _time_interleaved(trainer, warmup, disc == "on")
+        # The trainer's own lines (its start, "VAE saved to <a temporary folder>") are not the benchmark's: the
+        # run and its folder are thrown away.
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer = _trainer(config, disc_start=NEVER if disc == "off" else 0)
+            report["periodic_work"][f"disc_{disc}"] = _count_periodic_work(trainer, warmup)
+            timed = _time_interleaved(trainer, warmup, disc == "on")
+        report[f"trainer_disc_{disc}"], report[f"bare_disc_{disc}"] = timed
         report[f"overhead_disc_{disc}"] = (
             report[f"trainer_disc_{disc}"]["s_per_step"] / report[f"bare_disc_{disc}"]["s_per_step"]
         )
-    report["data_loader"] = _time_loader(trainer.dataloader, steps, config.data.num_workers)
+    batches = steps * config.train.gradient_accumulation_steps  # what the timed steps consume
+    report["data_loader"] = _time_loader(trainer.dataloader, batches, config.data.num_workers)
     report["flops_per_step_disc_on"] = _flops(trainer)
     report["mfu_disc_on"] = _mfu(report["flops_per_step_disc_on"], report, trainer.accelerator.device, peak_tflops)
     report["peak_memory_mb"] = _peak_memory_mb(trainer.accelerator.device)
@@ -134,7 +161,8 @@ def memory_section(config: Config, device: torch.device, budget_gb: float | None
     ]
     largest = {
         f"gradient_checkpointing_{'on' if checkpointing else 'off'}": largest_batch(
-            lambda batch, checkpointing=checkpointing: (peak(batch, checkpointing) or budget + 1) <= budget
+            lambda batch, checkpointing=checkpointing: (peak(batch, checkpointing) or budget + 1) <= budget,
+            upper=LARGEST_BATCH_CAP,
         )
         for checkpointing in (False, True)
     }
@@ -145,6 +173,7 @@ def memory_section(config: Config, device: torch.device, budget_gb: float | None
         "rows": rows,
         "budget_gib": budget / GIB,
         "largest_batch": largest,
+        "largest_batch_cap": LARGEST_BATCH_CAP,  # a largest batch equal to it was not searched past
     }
 
 
@@ -232,20 +261,47 @@ def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool)
     return step
 
 
-def _time_loader(loader, batches: int, workers: int) -> dict[str, float]:
+def _time_loader(loader, batches: int, workers: int) -> dict[str, Any]:
     """The data pipeline alone, with the configured workers: decode, resize, crop, collate. Timed from the
-    first batch on, so the workers' start-up is left out: the rate a long run sees."""
-    images, started = 0, None
-    for index, batch in enumerate(loader):
-        if started is None:
-            started = time.perf_counter()
-        else:
+    first batch on, so the workers' start-up is left out (the rate a long run sees), over at least
+    MIN_LOADER_BATCHES batches, passing over the data again as epochs do when it holds fewer."""
+    wanted = max(batches, MIN_LOADER_BATCHES)
+    images, timed, passes, started = 0, 0, 0, None
+    while timed < wanted:
+        passes += 1
+        produced = 0
+        for batch in loader:
+            produced += 1
+            if started is None:
+                started = time.perf_counter()
+                continue
             images += len(batch["pixel_values"])
-        if index + 1 >= batches + 1:
+            timed += 1
+            if timed >= wanted:
+                break
+        if produced == 0:  # no batch at all: nothing to time
             break
-    if not images:
-        return {"images_per_s": None, "workers": workers, "batches_timed": 0}
-    return {"images_per_s": images / (time.perf_counter() - started), "workers": workers, "batches_timed": index}
+    rate = images / (time.perf_counter() - started) if images else None
+    return {"images_per_s": rate, "workers": workers, "batches_timed": timed, "passes": passes}
+
+
+def _count_periodic_work(trainer: Trainer, warmup: int) -> dict[str, int]:
+    """Count the trainer's periodic work (PERIODIC_WORK) that falls inside the timed steps, by wrapping its
+    methods on this instance. A step is timed from the end of the previous step's callback to its own, so the
+    work done after step s (with global_step s) is timed when warmup <= s < total."""
+    counts = dict.fromkeys(PERIODIC_WORK.values(), 0)
+
+    def counted(method, label: str):
+        def call(*args, **kwargs):
+            if warmup <= trainer.progress.global_step < trainer.total_steps:
+                counts[label] += 1
+            return method(*args, **kwargs)
+
+        return call
+
+    for name, label in PERIODIC_WORK.items():
+        setattr(trainer, name, counted(getattr(trainer, name), label))
+    return counts
 
 
 def loader_section(config: Config, batches: int) -> dict[str, float]:
@@ -310,6 +366,7 @@ def markdown(report: dict[str, Any]) -> str:
     tables = [f"device: {report['device']}, torch {report['versions']['torch']}, {report['date']}"]
     if "trainer_disc_off" in report:
         tables.append(_speed_table(report))
+        tables.append(_periodic_work_line(report["periodic_work"]))
     elif "data_loader" in report:
         tables.append(_loader_line(report["data_loader"]))
     if "memory" in report:
@@ -332,12 +389,27 @@ def _speed_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _periodic_work_line(work: dict[str, dict[str, int]]) -> str:
+    """Which of the trainer's periodic work its timed steps include (the bare loop does none)."""
+    parts = []
+    for disc in ("off", "on"):
+        done = [f"{count} {label}" for label, count in work[f"disc_{disc}"].items() if count]
+        parts.append(f"discriminator {disc}: {', '.join(done) if done else 'none'}")
+    return (
+        f"periodic work inside the trainer's timed steps ({'; '.join(parts)}): VAE exports come at every epoch's "
+        "end, checkpoints with train.checkpoint_every_steps or train.checkpoint_every_minutes"
+    )
+
+
 def _loader_line(loader: dict[str, Any]) -> str:
     return f"data loader: {_rate(loader)} images/s with {loader['workers']} workers"
 
 
 def _rate(loader: dict[str, Any]) -> str:
-    return "n/a (fewer than 2 batches)" if loader["images_per_s"] is None else f"{loader['images_per_s']:.1f}"
+    if loader["images_per_s"] is None:
+        return "n/a (no batches)"
+    passes = f", {loader['passes']} passes over the data" if loader["passes"] > 1 else ""
+    return f"{loader['images_per_s']:.1f} ({loader['batches_timed']} batches{passes})"
 
 
 def _memory_table(memory: dict[str, Any]) -> str:
@@ -352,9 +424,13 @@ def _memory_table(memory: dict[str, Any]) -> str:
     for checkpointing in (False, True):
         state = "on" if checkpointing else "off"
         cells = [_cell_gib(peaks[batch, checkpointing]) for batch in batches]
-        largest = memory["largest_batch"][f"gradient_checkpointing_{state}"]
+        largest = _largest(memory["largest_batch"][f"gradient_checkpointing_{state}"], memory.get("largest_batch_cap"))
         rows.append(f"| {state} | " + " | ".join(cells) + f" | {largest} (in {memory['budget_gib']:.1f} GiB) |")
     return "\n".join(rows)
+
+
+def _largest(batch: int, cap: int | None) -> str:
+    return f"≥ {batch} (search cap)" if cap is not None and batch >= cap else str(batch)
 
 
 def _cell_gib(value: float | None) -> str:

@@ -14,6 +14,7 @@ optimizer and RNG files.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -90,9 +91,18 @@ class Checkpointer:
         if resume_from == "latest":
             return self.latest()
         path = Path(resume_from).expanduser()
-        if not (path / STATE_FILE).is_file():
-            raise CheckpointError(f"train.resume_from: {path} is not a complete checkpoint folder (no {STATE_FILE})")
-        return path
+        if (path / STATE_FILE).is_file():
+            return path
+        if not path.exists():
+            guess = "; did you mean latest?" if difflib.get_close_matches(resume_from.lower(), ["latest"]) else ""
+            raise CheckpointError(f"train.resume_from: no such checkpoint folder {path}{guess}")
+        holder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        if any(CHECKPOINT.match(child.name) for child in holder.iterdir() if child.is_dir()):
+            raise CheckpointError(
+                f"train.resume_from: {path} holds checkpoints but is not one; give one of {holder}/checkpoint-<step>, "
+                "or train.resume_from=latest with this run's output_dir"
+            )
+        raise CheckpointError(f"train.resume_from: {path} is not a complete checkpoint folder (no {STATE_FILE})")
 
     def save(
         self,
