@@ -293,6 +293,10 @@ class TrainConfig:
     """Keep the newest this many checkpoints (null: keep all; each holds the models and both optimizers)."""
     resume_from: Optional[str] = None
     """null, latest, or a checkpoint folder."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir that holds another run's checkpoints, deleting that run's checkpoints/,
+    vae/, vae_ema/, samples/, logs/, metrics.json and config.yaml first. False: such a run is refused (continue the
+    old run with resume_from=latest, or choose another output_dir), so that two runs never share checkpoints."""
     max_nonfinite_steps: int = 25
     """Consecutive steps with non-finite gradients (skipped) after which the run saves and stops."""
     channels_last: bool = False
@@ -398,6 +402,17 @@ class Config:
             "loss.adaptive_disc_weight",
             "scales the adversarial term, but loss.disc_weight is 0 (no discriminator); set one or the other",
         )
+        _require(
+            not (train.overwrite_output_dir and train.resume_from == "latest"),
+            "train.overwrite_output_dir",
+            "starts over and train.resume_from=latest continues the run in output_dir; choose one",
+        )
+        if train.overwrite_output_dir and train.resume_from is not None:
+            _require(
+                not Path(train.resume_from).expanduser().resolve().is_relative_to(Path(self.output_dir).resolve()),
+                "train.overwrite_output_dir",
+                f"would delete the checkpoint train.resume_from={train.resume_from} resumes from; choose one",
+            )
         _require(
             not (train.hub_push_every_export and not train.push_to_hub),
             "train.hub_push_every_export",

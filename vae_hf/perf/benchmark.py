@@ -168,6 +168,7 @@ def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config
         eval_every_steps=None,
         push_to_hub=False,
         resume_from=None,
+        overwrite_output_dir=True,  # a scratch folder: each timed trainer (disc off, then on) starts over
     )
     data = replace(config.data, validation_split=None, validation_fraction=0.0)
     return replace(config, output_dir=str(scratch), train=train, data=data)

@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 from tqdm.auto import tqdm
 
-from vae_hf.config import Config, ConfigError, flat_hparams
+from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
 from vae_hf.game import Game, autocast
@@ -33,6 +33,7 @@ from vae_hf.models.perceptual import VGG_WEIGHTS, build_lpips, require_vgg_weigh
 from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 from vae_hf.parallel.fsdp import ShardingUnits, gathered
+from vae_hf.train import run_folder
 from vae_hf.train.checkpoint import Checkpointer, RunCheckpoints, TrainingDiverged, model_shape
 from vae_hf.train.ema import EMA
 from vae_hf.train.meter import LossMeter
@@ -67,6 +68,7 @@ class Trainer:
         if config.train.push_to_hub:
             require_push_access()  # not after days of training
         self.accelerator = self._build_accelerator()
+        self._claim_output_dir()
         self.perceptual_choice = self._decide_perceptual_trunk()
         if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
             require_vgg_weights()  # fail in a second, not after the data and models are built
@@ -95,6 +97,8 @@ class Trainer:
             {"vae": self.vae_player, "discriminator": self.disc_player},
             self._model_shape(),
             stream_loader=self.dataloader if self.streaming else None,
+            run_id=run_folder.new_run_id(),  # only the main process writes it
+            config=to_dict(config),
         )
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
@@ -106,6 +110,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     # construction
+
+    def _claim_output_dir(self) -> None:
+        """One run per output_dir (see `vae_hf.train.run_folder`), before anything is built. The main process
+        decides, and clears the folder when asked to start over; every process takes its decision."""
+        refusal = run_folder.refusal(self.config) if self.is_main else None
+        if self.is_main and refusal is None and self.config.train.overwrite_output_dir:
+            removed = run_folder.clear_previous_run(self.output_dir)
+            if removed:
+                deleted = ", ".join(removed)
+                print(f"vae-hf: train.overwrite_output_dir: deleted {deleted} in {self.output_dir}", flush=True)
+        refused = broadcast(torch.tensor(float(refusal is not None), device=self.accelerator.device), from_process=0)
+        if refused.item():  # the other processes say it as they see the folder (a shared one: as the main does)
+            raise ConfigError(refusal or run_folder.refusal(self.config) or "output_dir: refused by the main process")
 
     def _decide_perceptual_trunk(self) -> dict | None:
         """`loss.perceptual_pretrained: auto` becomes true or false here, before anything is built; the config
@@ -550,9 +567,12 @@ class Trainer:
             return
         self._stream_position = resumed.stream_position
         if self.is_main:
+            changed = run_folder.changed_settings(resumed.config, to_dict(self.config)) if resumed.config else []
+            settings = f"settings changed since: {', '.join(changed)}" if changed else "same settings"
             print(
                 f"vae-hf: resumed from {resumed.path} at step {self.progress.global_step} "
-                f"(epoch {self.progress.epoch}, batch {self.progress.batches_in_epoch})",
+                f"(epoch {self.progress.epoch}, batch {self.progress.batches_in_epoch}), "
+                f"run {self.checkpoints.run_id}; {settings}",
                 flush=True,
             )
 
