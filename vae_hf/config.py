@@ -77,6 +77,13 @@ class ModelConfig:
     """Freeze encoder and quant_conv so existing latents stay valid (SD ft-MSE/ft-EMA style)."""
     sample_posterior: bool = True
     """Decode a sample of the posterior (reparameterisation, LDM); false decodes its mean."""
+    scaling_factor: Optional[float] = None
+    """The scaling_factor written into every export's config.json. null: measured (1 / latent std) at every export
+    of a VAE whose encoder trains; a decoder-only fine-tune keeps the starting model's (or, when resumed, the one in
+    its last export, e.g. written by `vae-hf latent-stats --write`)."""
+    measure_shift_factor: bool = False
+    """Also write the measured latent mean as shift_factor (SD3/Flux-style pipelines subtract it) at every export of
+    a VAE whose encoder trains; false keeps the starting model's shift_factor (null for Stable Diffusion VAEs)."""
 
     def __post_init__(self) -> None:
         _require(len(self.block_out_channels) >= 1, "model.block_out_channels", "needs at least one level")
@@ -85,6 +92,17 @@ class ModelConfig:
         _require(self.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
         _require(self.latent_channels >= 1, "model.latent_channels", "must be >= 1")
         _require(self.norm_num_groups >= 1, "model.norm_num_groups", "must be >= 1")
+        if self.scaling_factor is not None:
+            _require(
+                math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
+                "model.scaling_factor",
+                f"must be > 0 (or null: measured), got {self.scaling_factor}",
+            )
+        _require(
+            not (self.measure_shift_factor and self.train_decoder_only),
+            "model.measure_shift_factor",
+            "a decoder-only fine-tune keeps the starting model's latents and their factors; remove one of the two",
+        )
         if self.pretrained is None:
             for width in self.block_out_channels:
                 _require(

@@ -36,6 +36,7 @@ from vae_hf.parallel.fsdp import ShardingUnits, gathered
 from vae_hf.train import run_folder
 from vae_hf.train.checkpoint import Checkpointer, RunCheckpoints, TrainingDiverged, model_shape
 from vae_hf.train.ema import EMA
+from vae_hf.train.latent_factors import LatentFactors
 from vae_hf.train.meter import LossMeter
 from vae_hf.train.player import Player, build_optimizer, build_scheduler
 from vae_hf.train.progress import TrainProgress
@@ -105,7 +106,13 @@ class Trainer:
         self.validator = Validator(config, self.accelerator, self.output_dir, resumed=self.progress.global_step > 0)
         if self.perceptual_choice is not None:
             self.validator.note("perceptual_trunk", self.perceptual_choice)
-        self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint)
+        latent_factors = LatentFactors(
+            config,
+            self.vae,
+            resumed=self.progress.global_step > 0,
+            heldout_batches=self.validator.latent_batches if self.validator.enabled else None,
+        )
+        self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint, latent_factors)
         self.reporter.start(self.total_steps, self.dataset_size, self.checkpointer.folder)
 
     # ----------------------------------------------------------------------------------------------
@@ -527,7 +534,7 @@ class Trainer:
             exports = {folder: self.gathered_vae()}
             if self.ema is not None:
                 exports[self.output_dir / "vae_ema"] = self.ema.copy_of(exports[folder])
-            self.reporter.export(exports)
+            self.reporter.export(exports, self.progress.global_step)
         self.last_export_step = self.progress.global_step
         if self.config.train.push_to_hub and self.config.train.hub_push_every_export:
             self.push()
