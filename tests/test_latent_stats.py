@@ -91,9 +91,12 @@ def test_write_gives_unit_std_latents_and_keeps_the_shift(vae_folder, image_fold
     after = json.loads((vae_folder / "config.json").read_text())
     assert after["scaling_factor"] != before["scaling_factor"]
     assert after["shift_factor"] == before["shift_factor"] is None
-    assert {k: v for k, v in after.items() if k != "scaling_factor"} == {
-        k: v for k, v in before.items() if k != "scaling_factor"
-    }
+    written = ("scaling_factor", "_latent_factors_source")
+    assert {k: v for k, v in after.items() if k not in written} == {k: v for k, v in before.items() if k not in written}
+    assert after["_latent_factors_source"]["scaling_factor"] == (
+        f"vae-hf latent-stats --write, measured on 8 images of {image_folder} at {RESOLUTION} px"
+    )
+    assert "shift_factor" not in after["_latent_factors_source"]
     latents = scaled_latents(vae_folder, image_folder, seed=1234)  # other draws than the tool's
     assert float(latents.std()) == pytest.approx(1.0, rel=0.02)
 
@@ -110,12 +113,14 @@ def test_write_with_shift_centres_the_latents_too(vae_folder, image_folder):
 def test_write_replaces_the_config_in_one_rename_and_keeps_other_keys(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"_class_name": "AutoencoderKL", "scaling_factor": 0.18215, "custom": [1, 2]}))
-    write_factors(config, 0.5, shift_factor=0.25)
+    write_factors(config, 0.5, shift_factor=0.25, measured_on="8 images of D at 64 px")
+    source = "vae-hf latent-stats --write, measured on 8 images of D at 64 px"
     assert json.loads(config.read_text()) == {
         "_class_name": "AutoencoderKL",
         "scaling_factor": 0.5,
         "shift_factor": 0.25,
         "custom": [1, 2],
+        "_latent_factors_source": {"scaling_factor": source, "shift_factor": source},
     }
     assert [path.name for path in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
 

@@ -1,5 +1,7 @@
 """Never lose a run: kill it, resume it, and end where an uninterrupted run ends."""
 
+import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vae_hf.config import load_config
+from vae_hf.config import ConfigError, load_config
 from vae_hf.train.checkpoint import STATE_FILE, Checkpointer, CheckpointError
 from vae_hf.train.trainer import Trainer
 
@@ -278,3 +280,88 @@ def test_a_resumed_stream_continues_at_the_right_sample(images, tmp_path, monkey
     assert len(actual) == len(expected) == 6
     for step, (a, b) in enumerate(zip(actual, expected, strict=True), start=1):
         assert torch.equal(a, b), f"step {step} trained on another sample"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one run per output_dir
+
+
+def train_cli(images: Path, output_dir: Path, **overrides) -> subprocess.CompletedProcess:
+    """`python train_autoencoder.py` on the tiny VAE: 2 steps an epoch, the full state at every epoch's end."""
+    args = tiny_overrides(images, output_dir, **{"loss.disc_weight": 0, **overrides})
+    return subprocess.run(
+        [sys.executable, "train_autoencoder.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def run_id(checkpoint: Path) -> str:
+    return json.loads((checkpoint / STATE_FILE).read_text())["run"]["id"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(images, tmp_path_factory) -> Path:
+    """A finished 2-step run at optim.lr 1e-3: its folder holds checkpoint-2, vae/, samples/ and config.yaml."""
+    output_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = train_cli(images, output_dir, **{"train.max_steps": 2, "optim.lr": 1e-3})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_dir
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_new_run_in_a_folder_holding_checkpoints_is_refused_and_latest_continues_the_same_run(
+    images, finished_run, tmp_path
+):
+    output_dir = copy_of(finished_run, tmp_path)
+    before = sorted(path.name for path in output_dir.rglob("*"))
+    refused = train_cli(images, output_dir, **{"train.max_steps": 1, "optim.lr": 5e-4})
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert f"output_dir: {output_dir} already holds the checkpoints of a run (checkpoint-2)" in lines[0]
+    assert "train.resume_from=latest" in lines[0] and "train.overwrite_output_dir=true" in lines[0]
+    assert sorted(path.name for path in output_dir.rglob("*")) == before  # nothing written, nothing deleted
+
+    resumed = train_cli(images, output_dir, **{"train.max_steps": 3, "optim.lr": 5e-4, "train.resume_from": "latest"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    checkpoints = output_dir / "checkpoints"
+    old_run = run_id(checkpoints / "checkpoint-2")
+    assert f"resumed from {checkpoints / 'checkpoint-2'} at step 2" in resumed.stdout
+    assert f"run {old_run}; settings changed since: optim.lr 0.001 -> 0.0005, train.max_steps 2 -> 3" in resumed.stdout
+    assert run_id(checkpoints / "checkpoint-3") == old_run
+
+
+def test_overwrite_output_dir_deletes_the_previous_runs_outputs_and_starts_a_new_run(images, finished_run, tmp_path):
+    output_dir = copy_of(finished_run, tmp_path)
+    (output_dir / "notes.txt").write_text("mine")
+    old_run = run_id(output_dir / "checkpoints" / "checkpoint-2")
+    result = train_cli(images, output_dir, **{"train.max_steps": 1, "train.overwrite_output_dir": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"deleted checkpoints, vae, samples, config.yaml in {output_dir}" in result.stdout
+    assert [path.name for path in Checkpointer(None, output_dir / "checkpoints").complete()] == ["checkpoint-1"]
+    assert run_id(output_dir / "checkpoints" / "checkpoint-1") != old_run
+    assert (output_dir / "notes.txt").read_text() == "mine"  # only what a run writes is deleted
+    assert not [path for path in output_dir.iterdir() if path.name.startswith(".")]
+
+
+def test_overwriting_the_folder_a_run_resumes_from_is_refused_in_one_line(images, tmp_path):
+    for resume_from in ("latest", str(tmp_path / "run" / "checkpoints" / "checkpoint-2")):
+        with pytest.raises(ConfigError, match="train.overwrite_output_dir: .*choose one"):
+            load_config(
+                None,
+                tiny_overrides(
+                    images, tmp_path / "run", **{"train.overwrite_output_dir": "true", "train.resume_from": resume_from}
+                ),
+            )
+
+
+def test_latest_refuses_a_folder_holding_the_checkpoints_of_two_runs(images, tmp_path):
+    for name in ("one", "two"):
+        build(images, tmp_path / name, **{"train.max_steps": 1 if name == "one" else 2}).train()
+    copied = tmp_path / "one" / "checkpoints" / "checkpoint-2"  # a folder copied in by hand
+    shutil.copytree(tmp_path / "two" / "checkpoints" / "checkpoint-2", copied)
+    with pytest.raises(CheckpointError, match="holds the checkpoints of 2 runs"):
+        build(images, tmp_path / "one", **{"train.resume_from": "latest", "train.max_steps": 3})

@@ -68,8 +68,8 @@ def test_resumed_runs_keep_their_baseline(image_folder, tmp_path):
     resumed = build(image_folder, tmp_path, **overrides, **{"train.max_steps": 2, "train.resume_from": "latest"})
     resumed.train()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["baseline"] == baseline
-    # a new run (no resume) in the same folder measures its own baseline
-    fresh = build(image_folder, tmp_path, **overrides, **{"train.max_steps": 1})
+    # a new run (starting over in the same folder) measures its own baseline
+    fresh = build(image_folder, tmp_path, **overrides, **{"train.max_steps": 1, "train.overwrite_output_dir": "true"})
     assert not fresh.validator.has_baseline
 
 

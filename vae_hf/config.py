@@ -78,6 +78,13 @@ class ModelConfig:
     """Freeze encoder and quant_conv so existing latents stay valid (SD ft-MSE/ft-EMA style)."""
     sample_posterior: bool = True
     """Decode a sample of the posterior (reparameterisation, LDM); false decodes its mean."""
+    scaling_factor: Optional[float] = None
+    """The scaling_factor written into every export's config.json. null: measured (1 / latent std) at every export
+    of a VAE whose encoder trains; a decoder-only fine-tune keeps the starting model's (or, when resumed, the one in
+    its last export, e.g. written by `vae-hf latent-stats --write`)."""
+    measure_shift_factor: bool = False
+    """Also write the measured latent mean as shift_factor (SD3/Flux-style pipelines subtract it) at every export of
+    a VAE whose encoder trains; false keeps the starting model's shift_factor (null for Stable Diffusion VAEs)."""
 
     def __post_init__(self) -> None:
         _require(len(self.block_out_channels) >= 1, "model.block_out_channels", "needs at least one level")
@@ -86,6 +93,17 @@ class ModelConfig:
         _require(self.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
         _require(self.latent_channels >= 1, "model.latent_channels", "must be >= 1")
         _require(self.norm_num_groups >= 1, "model.norm_num_groups", "must be >= 1")
+        if self.scaling_factor is not None:
+            _require(
+                math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
+                "model.scaling_factor",
+                f"must be > 0 (or null: measured), got {self.scaling_factor}",
+            )
+        _require(
+            not (self.measure_shift_factor and self.train_decoder_only),
+            "model.measure_shift_factor",
+            "a decoder-only fine-tune keeps the starting model's latents and their factors; remove one of the two",
+        )
         if self.pretrained is None:
             for width in self.block_out_channels:
                 _require(
@@ -294,6 +312,10 @@ class TrainConfig:
     """Keep the newest this many checkpoints (null: keep all; each holds the models and both optimizers)."""
     resume_from: Optional[str] = None
     """null, latest, or a checkpoint folder."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir that holds another run's checkpoints, deleting that run's checkpoints/,
+    vae/, vae_ema/, samples/, logs/, metrics.json and config.yaml first. False: such a run is refused (continue the
+    old run with resume_from=latest, or choose another output_dir), so that two runs never share checkpoints."""
     max_nonfinite_steps: int = 25
     """Consecutive steps with non-finite gradients (skipped) after which the run saves and stops."""
     channels_last: bool = False
@@ -399,6 +421,17 @@ class Config:
             "loss.adaptive_disc_weight",
             "scales the adversarial term, but loss.disc_weight is 0 (no discriminator); set one or the other",
         )
+        _require(
+            not (train.overwrite_output_dir and train.resume_from == "latest"),
+            "train.overwrite_output_dir",
+            "starts over and train.resume_from=latest continues the run in output_dir; choose one",
+        )
+        if train.overwrite_output_dir and train.resume_from is not None:
+            _require(
+                not Path(train.resume_from).expanduser().resolve().is_relative_to(Path(self.output_dir).resolve()),
+                "train.overwrite_output_dir",
+                f"would delete the checkpoint train.resume_from={train.resume_from} resumes from; choose one",
+            )
         _require(
             not (train.hub_push_every_export and not train.push_to_hub),
             "train.hub_push_every_export",

@@ -24,6 +24,7 @@ from vae_hf.data.datasets import ImageDataset, ImageTransform
 from vae_hf.data.loader import collate
 from vae_hf.errors import UserError
 from vae_hf.io.files import plain_permissions
+from vae_hf.io.export import FACTORS_SOURCE_KEY
 
 
 class LatentStatsError(UserError, RuntimeError):
@@ -148,15 +149,22 @@ def config_to_write(model: str) -> Path:
     )
 
 
-def write_factors(config_path: Path, scaling_factor: float, shift_factor: float | None = None) -> None:
-    """Set scaling_factor (and shift_factor, when given) in config.json, keeping every other key.
+def write_factors(
+    config_path: Path, scaling_factor: float, shift_factor: float | None = None, measured_on: str = "data"
+) -> None:
+    """Set scaling_factor (and shift_factor, when given) in config.json, keeping every other key, and say where
+    they came from (`measured_on`, e.g. "64 images of DIR at 256 px") under FACTORS_SOURCE_KEY.
 
     Written to a temporary file beside it and renamed over it: a crash never leaves half a config.
     """
     config = json.loads(Path(config_path).read_text())
+    source = f"vae-hf latent-stats --write, measured on {measured_on}"
     config["scaling_factor"] = scaling_factor
+    sources = {**config.get(FACTORS_SOURCE_KEY, {}), "scaling_factor": source}
     if shift_factor is not None:
         config["shift_factor"] = shift_factor
+        sources["shift_factor"] = source
+    config[FACTORS_SOURCE_KEY] = sources
     handle, temporary = tempfile.mkstemp(dir=Path(config_path).parent, prefix=".config.json.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as file:

@@ -52,7 +52,8 @@ def latent_stats_command(
         raise DataError(f"--data: no usable image in {data} ({batches.skipped} unreadable)") from None
     print(report(stats, vae, batches.skipped, resolution))
     if config_path is not None:
-        write_factors(config_path, stats["scaling_factor"], stats["shift_factor"] if shift else None)
+        measured_on = f"{stats['images']} images of {data} at {resolution} px"
+        write_factors(config_path, stats["scaling_factor"], stats["shift_factor"] if shift else None, measured_on)
         written = "scaling_factor and shift_factor" if shift else "scaling_factor"
         print(f"wrote {written} to {config_path}")
     return 0

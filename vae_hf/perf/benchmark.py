@@ -186,7 +186,7 @@ def _default_device() -> torch.device:
 
 
 def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config:
-    """No trackers, samples, evaluation or checkpoints inside the timed steps."""
+    """No trackers, samples, evaluation, checkpoints or latent measurements inside the timed steps."""
     train = replace(
         config.train,
         max_steps=total_steps,
@@ -197,9 +197,12 @@ def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config
         eval_every_steps=None,
         push_to_hub=False,
         resume_from=None,
+        overwrite_output_dir=True,  # a scratch folder: each timed trainer (disc off, then on) starts over
     )
     data = replace(config.data, validation_split=None, validation_fraction=0.0)
-    return replace(config, output_dir=str(scratch), train=train, data=data)
+    # exports at epoch ends would measure the latents for their scaling_factor: a fixed factor measures nothing
+    model = replace(config.model, scaling_factor=1.0, measure_shift_factor=False)
+    return replace(config, output_dir=str(scratch), train=train, data=data, model=model)
 
 
 def _trainer(config: Config, disc_start: int) -> Trainer:

@@ -89,6 +89,13 @@ class Checkpointer:
     def resolve(self, resume_from: str) -> Path | None:
         """`latest` (None when there is none yet) or an explicit checkpoint folder."""
         if resume_from == "latest":
+            runs = self.runs()
+            if len(runs) > 1:  # e.g. checkpoint folders copied in by hand: `latest` would be a guess
+                listed = "; ".join(f"run {run_id}: {', '.join(names)}" for run_id, names in runs.items())
+                raise CheckpointError(
+                    f"train.resume_from=latest: {self.folder} holds the checkpoints of {len(runs)} runs ({listed}); "
+                    "give the checkpoint folder to resume from"
+                )
             return self.latest()
         path = Path(resume_from).expanduser()
         if (path / STATE_FILE).is_file():
@@ -103,6 +110,15 @@ class Checkpointer:
                 "or train.resume_from=latest with this run's output_dir"
             )
         raise CheckpointError(f"train.resume_from: {path} is not a complete checkpoint folder (no {STATE_FILE})")
+
+    def runs(self) -> dict[str, list[str]]:
+        """The complete checkpoints of each run id they record (checkpoints saved before runs had ids have none)."""
+        runs: dict[str, list[str]] = {}
+        for path in self.complete():
+            run_id = json.loads((path / STATE_FILE).read_text()).get("run", {}).get("id")
+            if run_id is not None:
+                runs.setdefault(run_id, []).append(path.name)
+        return runs
 
     def save(
         self,
@@ -219,6 +235,8 @@ class Resumed:
     path: Path
     stream_position: dict[str, Any] | None
     """This process's position in its shard of a stream, to apply when the data is next iterated."""
+    config: dict[str, Any] | None
+    """The config the checkpoint was trained with (None for checkpoints saved before it was recorded)."""
 
 
 class RunCheckpoints:
@@ -233,8 +251,12 @@ class RunCheckpoints:
         players: dict[str, Player | None],
         model_shape: dict[str, Any],
         stream_position=None,
+        run_id: str | None = None,
+        config: dict[str, Any] | None = None,
     ):
         self.checkpointer = checkpointer
+        self.run_id = run_id  # saved in every checkpoint; a resumed run takes its checkpoint's
+        self.config = config  # the config this run trains with, saved in every checkpoint
         self.accelerator = checkpointer.accelerator
         self.progress = progress
         self.players = players  # "vae", "discriminator" (None when the recipe has none)
@@ -245,6 +267,7 @@ class RunCheckpoints:
         """What Accelerate's save_state does not hold: counters, schedules, scalers, the EMA's scalars."""
         players = self._present_players()
         return {
+            "run": {"id": self.run_id, "config": self.config},
             "num_processes": self.accelerator.num_processes,
             "layout": checkpoint_layout(self.accelerator),
             "progress": self.progress.state_dict(),
@@ -278,6 +301,8 @@ class RunCheckpoints:
             return None
         state, process_state = self.checkpointer.load(path, self.model_shape)
         self.load_state_dict(state)
+        run = state.get("run", {})
+        self.run_id = run.get("id") or self.run_id  # older checkpoints have no id: the run takes this one
         for suffix, player in self._deepspeed_players().items():
             player.load_state_tensors(read_tensors(path, f"model{suffix}"), read_tensors(path, f"optimizer{suffix}"))
         if ema is not None:
@@ -288,7 +313,7 @@ class RunCheckpoints:
         position = None
         if self.stream_position is not None and self.progress.batches_in_epoch > 0:
             position = process_state["stream"]
-        return Resumed(path, position)
+        return Resumed(path, position, run.get("config"))
 
     def _present_players(self) -> dict[str, Player]:
         return {name: player for name, player in self.players.items() if player is not None}

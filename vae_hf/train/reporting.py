@@ -17,6 +17,7 @@ from vae_hf.config import Config, to_yaml
 from vae_hf.io.export import save_vae
 from vae_hf.io.hub import push_vae_folder
 from vae_hf.models.vae import encoder_fingerprint
+from vae_hf.train.latent_factors import ExportFactors, LatentFactors
 
 LOSSES_SHOWN = ("rec", "kl", "perceptual", "g_adv", "d_loss")
 
@@ -28,12 +29,15 @@ class Reporter:
         config: Config,
         output_dir: Path,
         encoder_fingerprint: str | None = None,
+        latent_factors: LatentFactors | None = None,
     ):
         self.accelerator = accelerator
         self.config = config
         self.output_dir = Path(output_dir)
         # what a decoder-only fine-tune must never change: checked at every export
         self.encoder_fingerprint = encoder_fingerprint
+        self.latent_factors = latent_factors  # None: exports keep the model's own factors
+        self.exported: dict[Path, ExportFactors] = {}  # the factors each export folder was last written with
 
     @property
     def is_main(self) -> bool:
@@ -58,15 +62,27 @@ class Reporter:
                 tracker.log_images({"samples": [pixels]}, step=step)
         return path
 
-    def export(self, exports: dict[Path, AutoencoderKL]) -> None:
+    def export(self, exports: dict[Path, AutoencoderKL], step: int = 0) -> None:
         """Save each VAE as a diffusers folder (main process), after checking that a decoder-only run left the
-        encoder as it was."""
+        encoder as it was, with the latent factors chosen for it (`vae_hf.train.latent_factors`). The factors
+        go to the trackers at every export, and to the console at a folder's first export and at the end."""
         if not self.is_main:
             return
         for target, vae in exports.items():
             if self.encoder_fingerprint is not None and encoder_fingerprint(vae) != self.encoder_fingerprint:
                 raise RuntimeError(f"model.train_decoder_only: the encoder of {target.name} changed; not exported")
-            save_vae(vae, target)
+            if self.latent_factors is None:
+                save_vae(vae, target)
+                continue
+            factors = self.latent_factors.for_export(vae, target, step)
+            save_vae(vae, target, factors.config_updates())
+            if target not in self.exported:
+                print(f"vae-hf: {target.name}/ exported at step {step} with {factors.describe()}", flush=True)
+            self.exported[target] = factors
+            values = {f"{target.name}/scaling_factor": factors.scaling_factor}
+            if factors.shift_factor is not None:
+                values[f"{target.name}/shift_factor"] = factors.shift_factor
+            self.accelerator.log(values, step=step)
 
     def push(self, step: int) -> None:
         """Upload vae/ with its model card (main process)."""
@@ -107,15 +123,13 @@ class Reporter:
             f"AutoencoderKL.from_pretrained('{folder}')",
             flush=True,
         )
+        for target, factors in self.exported.items():
+            print(f"vae-hf: {target.name}/ carries {factors.describe()}", flush=True)
         if validator.enabled:
             stats = validator.record.get("latent_stats", {})
             print(f"vae-hf: held-out scores: {validator.summary()}", flush=True)
-            if "scaling_factor" in stats:
-                print(
-                    f"vae-hf: latent std {stats['std']:.4g} -> scaling_factor {stats['scaling_factor']:.5g} "
-                    f"(in {validator.path}; store it with vae-hf latent-stats --write)",
-                    flush=True,
-                )
+            if "std" in stats:
+                print(f"vae-hf: held-out latent std {stats['std']:.4g} (in {validator.path})", flush=True)
 
 
 def checkpoint_policy(train) -> str:

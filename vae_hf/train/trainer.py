@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vae_hf.config import Config, ConfigError, flat_hparams
+from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
 from vae_hf.game import Game, autocast
@@ -35,9 +35,11 @@ from vae_hf.models.perceptual import VGG_WEIGHTS, build_lpips, require_vgg_weigh
 from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 from vae_hf.parallel.fsdp import ShardingUnits, gathered
+from vae_hf.train import run_folder
 from vae_hf.train.checkpoint import Checkpointer, RunCheckpoints, TrainingDiverged, model_shape
 from vae_hf.train.consensus import Consensus
 from vae_hf.train.ema import EMA
+from vae_hf.train.latent_factors import LatentFactors
 from vae_hf.train.meter import LossMeter
 from vae_hf.train.player import Player, build_optimizer, build_scheduler
 from vae_hf.train.progress import TrainProgress
@@ -71,6 +73,7 @@ class Trainer:
             require_push_access()  # not after days of training
         self.accelerator = self._build_accelerator()
         self.consensus = Consensus(self.accelerator)
+        self._claim_output_dir()
         self.perceptual_choice = self._decide_perceptual_trunk()
         if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
             require_vgg_weights()  # fail in a second, not after the data and models are built
@@ -100,17 +103,38 @@ class Trainer:
             {"vae": self.vae_player, "discriminator": self.disc_player},
             self._model_shape(),
             stream_position=self._stream_checkpoint_position if self.streaming else None,
+            run_id=run_folder.new_run_id(),  # only the main process writes it
+            config=to_dict(config),
         )
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
         self.validator = Validator(config, self.accelerator, self.output_dir, resumed=self.progress.global_step > 0)
         if self.perceptual_choice is not None:
             self.validator.note("perceptual_trunk", self.perceptual_choice)
-        self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint)
+        latent_factors = LatentFactors(
+            config,
+            self.vae,
+            resumed=self.progress.global_step > 0,
+            heldout_batches=self.validator.latent_batches if self.validator.enabled else None,
+        )
+        self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint, latent_factors)
         self.reporter.start(self.total_steps, self.dataset_size, self.checkpointer.folder)
 
     # ----------------------------------------------------------------------------------------------
     # construction
+
+    def _claim_output_dir(self) -> None:
+        """One run per output_dir (see `vae_hf.train.run_folder`), before anything is built. The main process
+        decides, and clears the folder when asked to start over; every process takes its decision."""
+        refusal = run_folder.refusal(self.config) if self.is_main else None
+        if self.is_main and refusal is None and self.config.train.overwrite_output_dir:
+            removed = run_folder.clear_previous_run(self.output_dir)
+            if removed:
+                deleted = ", ".join(removed)
+                print(f"vae-hf: train.overwrite_output_dir: deleted {deleted} in {self.output_dir}", flush=True)
+        refused = broadcast(torch.tensor(float(refusal is not None), device=self.accelerator.device), from_process=0)
+        if refused.item():  # the other processes say it as they see the folder (a shared one: as the main does)
+            raise ConfigError(refusal or run_folder.refusal(self.config) or "output_dir: refused by the main process")
 
     def _decide_perceptual_trunk(self) -> dict | None:
         """`loss.perceptual_pretrained: auto` becomes true or false here, before anything is built; the config
@@ -556,7 +580,7 @@ class Trainer:
             exports = {folder: self.gathered_vae()}
             if self.ema is not None:
                 exports[self.output_dir / "vae_ema"] = self.ema.copy_of(exports[folder])
-            self.reporter.export(exports)
+            self.reporter.export(exports, self.progress.global_step)
         self.last_export_step = self.progress.global_step
         if self.config.train.push_to_hub and self.config.train.hub_push_every_export:
             self.push()
@@ -597,9 +621,12 @@ class Trainer:
             return
         self._stream_position = resumed.stream_position
         if self.is_main:
+            changed = run_folder.changed_settings(resumed.config, to_dict(self.config)) if resumed.config else []
+            settings = f"settings changed since: {', '.join(changed)}" if changed else "same settings"
             print(
                 f"vae-hf: resumed from {resumed.path} at step {self.progress.global_step} "
-                f"(epoch {self.progress.epoch}, batch {self.progress.batches_in_epoch})",
+                f"(epoch {self.progress.epoch}, batch {self.progress.batches_in_epoch}), "
+                f"run {self.checkpoints.run_id}; {settings}",
                 flush=True,
             )
 

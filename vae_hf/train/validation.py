@@ -70,10 +70,14 @@ class Validator:
         if not self.accelerator.is_main_process:
             return None
         with torch.no_grad():
-            stats = latent_statistics(vae, (batch["pixel_values"] for batch in self.full_loader))
+            stats = latent_statistics(vae, self.latent_batches())
         self.record["latent_stats"] = {"step": step, **_plain(stats)}
         self._write()
         return self.record["latent_stats"]
+
+    def latent_batches(self):
+        """All the held-out images (not this process's slice), batch by batch: what latent statistics measure."""
+        return (batch["pixel_values"] for batch in self.full_loader)
 
     def note(self, name: str, value: Any) -> None:
         """Record a fact about the run in metrics.json (main process), e.g. how `auto` settings were decided."""
