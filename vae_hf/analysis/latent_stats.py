@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from vae_hf.data.datasets import ImageDataset, ImageTransform
 from vae_hf.data.loader import collate
 from vae_hf.errors import UserError
-from vae_hf.io.files import plain_permissions
 from vae_hf.io.export import FACTORS_SOURCE_KEY
+from vae_hf.io.files import plain_permissions
 
 
 class LatentStatsError(UserError, RuntimeError):
