@@ -1,6 +1,7 @@
 """Never lose a run: kill it, resume it, and end where an uninterrupted run ends."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -143,9 +144,16 @@ def test_rotation_keeps_the_newest_checkpoints(images, tmp_path):
         tmp_path / "run",
         **{"train.max_steps": 4, "train.checkpoint_every_steps": 1, "train.checkpoints_total_limit": 2},
     )
-    trainer.train()
+    previous = os.umask(0o022)
+    try:
+        trainer.train()
+    finally:
+        os.umask(previous)
     names = [path.name for path in trainer.checkpointer.complete()]
     assert names == ["checkpoint-3", "checkpoint-4"]
+    # its files get what a plain write gives under the umask, not safetensors' owner-only 0600
+    modes = {oct(path.stat().st_mode & 0o777) for path in trainer.checkpointer.latest().rglob("*") if path.is_file()}
+    assert modes == {"0o644"}
 
 
 def test_a_crash_while_writing_leaves_latest_on_the_previous_checkpoint(images, tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from vae_hf.errors import UserError
+from vae_hf.io.files import plain_permissions
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer
 from vae_hf.train.ema import EMA
 from vae_hf.train.player import Player
@@ -150,6 +151,7 @@ class Checkpointer:
                 retired = self.folder / f".checkpoint-{step}.retired"
                 if final.exists():  # the same step saved again (e.g. at an epoch's end): swap, then delete
                     os.replace(final, retired)
+                plain_permissions(staging)  # safetensors and torch.save write their files for the owner only
                 os.replace(staging, final)
                 shutil.rmtree(retired, ignore_errors=True)
                 self.rotate()
