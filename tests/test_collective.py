@@ -41,8 +41,8 @@ def test_a_rank_whose_micro_batch_will_not_decode_trains_in_step_with_no_host_sy
     overrides = {"train.max_steps": 6, "loss.disc_start_step": 0, "train.ema_decay": 0.9, "train.log_every_steps": 1000}
     result = launch(images, run, **overrides)  # 12 files, 6 micro-batches of 1 per rank: one epoch
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 unreadable images skipped" in result.stdout
-    assert result.stderr.count("unreadable image") == 1 and "image_05_broken.png" in result.stderr
+    assert "1 images skipped (unreadable or filtered" in result.stdout
+    assert result.stderr.count("skipping image") == 1 and "image_05_broken.png" in result.stderr
     state = json.loads((run / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["progress"]["images_skipped"] == 1
     for probe in probes(run):

@@ -144,6 +144,12 @@ class DataConfig:
     photos; the downscaling filter then differs slightly from a full decode + resize). Evaluation decodes fully."""
     max_image_pixels: int = 100_000_000
     """Images with more pixels than this are skipped unopened (a decompression-bomb guard)."""
+    min_side: Optional[int] = None
+    """Training leaves out images whose short side is under this many pixels (instead of upscaling them); each is
+    replaced by the next usable image and counted, as unreadable files are. Null: every size is used."""
+    max_aspect_ratio: Optional[float] = None
+    """Training leaves out images whose long side is more than this many times the short one (a square crop
+    keeps little of them); replaced and counted as with `min_side`. Null: every shape is used."""
     shuffle_buffer_size: int = 1000
     """Shuffle buffer of a streaming dataset."""
     validation_split: Optional[str] = None
@@ -167,6 +173,14 @@ class DataConfig:
             _require(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1 (or null)")
             _require(self.num_workers > 0, "data.prefetch_factor", "needs data.num_workers > 0")
         _require(self.max_image_pixels >= 1, "data.max_image_pixels", "must be >= 1")
+        if self.min_side is not None:
+            _require(self.min_side >= 1, "data.min_side", f"must be >= 1 (or null), got {self.min_side}")
+        if self.max_aspect_ratio is not None:
+            _require(
+                self.max_aspect_ratio >= 1,
+                "data.max_aspect_ratio",
+                f"must be >= 1 (or null), got {self.max_aspect_ratio}",
+            )
         _require(0 <= self.validation_fraction < 1, "data.validation_fraction", "must be in [0, 1)")
         _require(self.validation_max_images >= 1, "data.validation_max_images", "must be >= 1")
         _require(

@@ -36,11 +36,12 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
     """The configured split with its image column left undecoded (paths or bytes)."""
     split = split or config.split
     if is_local(config.dataset):
-        require_image_files(Path(config.dataset).expanduser())
+        folder = Path(config.dataset).expanduser()
+        builder = local_builder(folder)
+        if builder == "imagefolder":
+            require_image_files(folder)
         dataset = _load(
-            lambda: load_dataset(
-                "imagefolder", data_dir=str(Path(config.dataset).expanduser()), split=split, streaming=config.streaming
-            ),
+            lambda: load_dataset(builder, data_dir=str(folder), split=split, streaming=config.streaming),
             config.dataset,
             split,
         )
@@ -56,12 +57,50 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
         dataset = _load(
             lambda: load_dataset(config.dataset, split=split, streaming=config.streaming), config.dataset, split
         )
+    return _with_image_column(dataset, config)
+
+
+SHARD_BUILDERS = {".tar": "webdataset", ".parquet": "parquet"}
+"""Local files read as shards, by the `datasets` builder of their format; any other folder is an image folder."""
+
+
+def local_builder(folder: Path) -> str:
+    """The `datasets` builder that reads a local folder: `webdataset` for .tar shards, `parquet` for Parquet
+    files, else `imagefolder` (image files, read recursively). Splits follow the files' names as `datasets`
+    infers them (`train-00000.tar`, `validation/...`; one `train` split otherwise)."""
+    found = set()
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith((".", "__")) for part in path.relative_to(folder).parts)
+        if not hidden and path.suffix.lower() in SHARD_BUILDERS and path.is_file():
+            found.add(SHARD_BUILDERS[path.suffix.lower()])
+    if len(found) > 1:
+        raise DataError(f"data.dataset: {folder} holds both WebDataset (.tar) and Parquet files; give each its folder")
+    return found.pop() if found else "imagefolder"
+
+
+_announced_columns: set[tuple[str, str]] = set()
+
+
+def _with_image_column(dataset, config: DataConfig):
+    """The dataset with its images, left undecoded, under `data.image_column`: the named column, else its only image
+    column (WebDataset shards name it by extension, `jpg` or `png`), renamed; else a one-line error. (The column is
+    cast before it is renamed: a stream renamed first decodes its images despite the cast.)"""
     columns = dataset.column_names or list(dataset.features or {})
-    if config.image_column not in columns:
-        raise DataError(
-            f"data.image_column: no column {config.image_column!r} in {config.dataset} (columns: {', '.join(columns)})"
-        )
-    return dataset.cast_column(config.image_column, ImageFeature(decode=False))
+    if config.image_column in columns:
+        return dataset.cast_column(config.image_column, ImageFeature(decode=False))
+    images = [name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)]
+    if len(images) == 1:
+        if (config.dataset, images[0]) not in _announced_columns:
+            _announced_columns.add((config.dataset, images[0]))
+            logger.warning(
+                "data.image_column: %s has no column %r; using its image column %r",
+                config.dataset,
+                config.image_column,
+                images[0],
+            )
+        return dataset.cast_column(images[0], ImageFeature(decode=False)).rename_column(images[0], config.image_column)
+    which = f"image columns: {', '.join(images)}" if images else f"columns: {', '.join(columns)}"
+    raise DataError(f"data.image_column: no column {config.image_column!r} in {config.dataset} ({which})")
 
 
 # What the `imagefolder` builder reads: every extension Pillow opens, in any case, hidden files and folders left out.
@@ -103,6 +142,27 @@ class ImageTransform:
     random_flip: bool = False
     draft_jpeg: bool = False  # decode JPEGs at a reduced scale still >= resolution (see decode_image)
     uint8: bool = False
+    min_side: int | None = None  # training filters: such images are not used (see `check`)
+    max_aspect_ratio: float | None = None
+
+    @property
+    def draft_size(self) -> int | None:
+        """The size a JPEG may be decoded down to: no smaller than the crop, nor than `min_side` (so that the
+        filter sees a drafted image's sides on the same side of `min_side` as the file's)."""
+        return max(self.resolution, self.min_side or 0) if self.draft_jpeg else None
+
+    def check(self, image: Image.Image) -> Image.Image:
+        """Refuse (`ImageFiltered`) an image the training filters leave out: a short side under `min_side`
+        (it would be upscaled), or a long side over `max_aspect_ratio` times the short one (a crop would keep
+        little of it)."""
+        short, long = sorted(image.size)
+        if self.min_side is not None and short < self.min_side:
+            raise ImageFiltered(f"{image.width}x{image.height} is smaller than data.min_side={self.min_side}")
+        if self.max_aspect_ratio is not None and long > self.max_aspect_ratio * short:
+            raise ImageFiltered(
+                f"{image.width}x{image.height} is more elongated than data.max_aspect_ratio={self.max_aspect_ratio:g}"
+            )
+        return image
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
@@ -128,6 +188,10 @@ def sample_seed(*parts: int) -> int:
     return value & 0x7FFFFFFFFFFFFFFF
 
 
+class ImageFiltered(ValueError):
+    """An image that decodes but that the training filters (`data.min_side`, `data.max_aspect_ratio`) leave out."""
+
+
 def unreadable_reason(error: BaseException) -> str:
     """What is wrong with a file, in words a person acts on (PIL's own messages name a BytesIO object)."""
     if isinstance(error, UnidentifiedImageError):
@@ -145,16 +209,18 @@ def try_transform(
 ) -> tuple[torch.Tensor | None, str | None]:
     """Decode and transform one stored image: (pixels, None), or (None, why it is unreadable)."""
     try:
-        draft_size = transform.resolution if transform.draft_jpeg else None
-        return transform(decode_image(value, max_pixels, draft_size), generator), None
+        return transform(transform.check(decode_image(value, max_pixels, transform.draft_size)), generator), None
     except DECODE_ERRORS as error:
         return None, unreadable_reason(error)
 
 
-def unreadable(value: Any, reason: str, row: int) -> dict[str, str]:
-    """The record of one unreadable file that travels with a batch: its name (its path, else its row) and why."""
+def unreadable(value: Any, reason: str, row: int, shard: str | None = None, key: str | None = None) -> dict[str, str]:
+    """The record of a file left out that travels with a batch: its name and why. The name is its path, else its
+    key in its shard (WebDataset's `__url__` and `__key__`), else its row."""
     name = describe(value)
-    return {"name": f"row {row}" if name == "<bytes>" else name, "reason": reason}
+    if name == "<bytes>":
+        name = f"{shard}: {key}" if shard and key else f"row {row}"
+    return {"name": name, "reason": reason}
 
 
 SUBSTITUTE_LOOKAHEAD = 1000
@@ -200,17 +266,20 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of {len(self)}")  # (also ends iteration by index)
         records = []
         lookahead = min(SUBSTITUTE_LOOKAHEAD, len(self)) if self.substitute else 1
         for offset in range(lookahead):
             row = (index + offset) % len(self)
-            value = self.dataset[row][self.image_column]
+            example = self.dataset[row]
+            value = example[self.image_column]
             # seeded by the sample's own index: a substitute is augmented as the sample would have been
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
             pixels, reason = try_transform(value, self.transform, generator, self.max_pixels)
             if pixels is not None:
                 return {"pixel_values": pixels, "unreadable": records}
-            records.append(unreadable(value, reason, row))
+            records.append(unreadable(value, reason, row, example.get("__url__"), example.get("__key__")))
         if not self.substitute:
             return {"pixel_values": None, "unreadable": records}
         raise DataError(
@@ -247,8 +316,7 @@ class ExampleProcessor:
         decoded, reasons = [], []
         for value in values:
             try:
-                draft_size = self.transform.resolution if self.transform.draft_jpeg else None
-                decoded.append(decode_image(value, self.max_pixels, draft_size))
+                decoded.append(self.transform.check(decode_image(value, self.max_pixels, self.transform.draft_size)))
                 reasons.append(None)
             except DECODE_ERRORS as error:
                 decoded.append(None)
@@ -264,7 +332,8 @@ class ExampleProcessor:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, self.rank, worker, index))
             pixel_values.append(self.transform(decoded[source], generator))
             reason = reasons[position]
-            records.append([] if reason is None else [unreadable(values[position], reason, index)])
+            where = [examples[column][position] if column in examples else None for column in ("__url__", "__key__")]
+            records.append([] if reason is None else [unreadable(values[position], reason, index, *where)])
         return {"pixel_values": pixel_values, "unreadable": records}
 
 
@@ -299,7 +368,13 @@ def training_dataset(
     if config.validation_split is None and config.validation_fraction > 0:
         dataset = _held_out(dataset, config, seed)["train"]
     transform = ImageTransform(
-        config.resolution, config.center_crop, config.random_flip, config.fast_jpeg_decode, uint8=True
+        config.resolution,
+        config.center_crop,
+        config.random_flip,
+        config.fast_jpeg_decode,
+        uint8=True,
+        min_side=config.min_side,
+        max_aspect_ratio=config.max_aspect_ratio,
     )
     if isinstance(dataset, IterableDataset):
         from datasets.distributed import split_dataset_by_node

@@ -117,7 +117,7 @@ class Reporter:
         if not self.is_main:
             return
         folder = (self.output_dir / "vae").resolve()
-        skipped = f"; {images_skipped} unreadable images skipped" if images_skipped else ""
+        skipped = f"; {images_skipped} images skipped (unreadable or filtered; named above)" if images_skipped else ""
         print(
             f"vae-hf: done after {step} steps{skipped}. VAE saved to {folder}; load it with "
             f"AutoencoderKL.from_pretrained('{folder}')",

@@ -486,13 +486,14 @@ class Trainer:
         return self._untrained_window_position or self.dataloader.state_dict()
 
     def _note_unreadable(self, records: list[dict[str, str]]) -> None:
-        """Count each unreadable file once (over epochs and processes) and name it once, with the reason."""
+        """Count each file left out (unreadable, or filtered by `data.min_side` / `data.max_aspect_ratio`) once,
+        over epochs and processes, and name it once, with the reason."""
         for record in records:
             key = file_key(record["name"])
             if key not in self.progress.unreadable_files:
                 self.progress.unreadable_files.add(key)
                 logger.warning(
-                    "unreadable image %s: %s; trained on the next readable image in its place",
+                    "skipping image %s: %s; the next usable image is trained on in its place",
                     record["name"],
                     record["reason"],
                 )
