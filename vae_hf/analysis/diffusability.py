@@ -192,11 +192,12 @@ def psnr(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 class LatentMeasures:
     """Measures 1-4 accumulated batch by batch; `result()` gives the scalars and the spectra.
 
-    `lpips_model` (an LPIPS taking [-1, 1]) adds LPIPS beside each PSNR; None measures PSNR only.
+    `lpips_model` (an LPIPS taking [-1, 1]) adds LPIPS beside each PSNR, under `lpips_name` (`lpips_random_trunk`
+    for a randomly initialised trunk, so that it is never read as LPIPS); None measures PSNR only.
     """
 
-    def __init__(self, vae: nn.Module, lpips_model: nn.Module | None = None, seed: int = 0):
-        self.vae, self.lpips_model = vae, lpips_model
+    def __init__(self, vae: nn.Module, lpips_model: nn.Module | None = None, seed: int = 0, lpips_name: str = "lpips"):
+        self.vae, self.lpips_model, self.lpips_name = vae, lpips_model, lpips_name
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise on any device
         self.means = Means()
         self.latent_spectrum, self.image_spectrum = Spectrum(), Spectrum()
@@ -216,7 +217,7 @@ class LatentMeasures:
         self.means.add(f"{kind}_psnr{suffix}", psnr(outputs, targets))
         if lpips and self.lpips_model is not None:
             distances = self.lpips_model(outputs.float().clamp(-1, 1), targets.float())
-            self.means.add(f"{kind}_lpips{suffix}", distances.flatten())
+            self.means.add(f"{kind}_{self.lpips_name}{suffix}", distances.flatten())
 
     @torch.no_grad()
     def add(self, images: torch.Tensor) -> None:
@@ -255,12 +256,16 @@ class LatentMeasures:
 
 
 def measure_latents(
-    vae: nn.Module, image_batches: Iterable[torch.Tensor], lpips_model: nn.Module | None = None, seed: int = 0
+    vae: nn.Module,
+    image_batches: Iterable[torch.Tensor],
+    lpips_model: nn.Module | None = None,
+    seed: int = 0,
+    lpips_name: str = "lpips",
 ) -> dict[str, Any]:
     """Measures 1-4 of `vae` over `image_batches` ((N, 3, H, W) in [-1, 1]), in eval mode; see `LatentMeasures`."""
     was_training = vae.training
     vae.eval()
-    measures = LatentMeasures(vae, lpips_model, seed)
+    measures = LatentMeasures(vae, lpips_model, seed, lpips_name)
     try:
         for images in image_batches:
             if len(images):

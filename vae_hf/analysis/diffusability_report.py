@@ -16,6 +16,7 @@ from vae_hf.analysis.charts import Series, image_grid, line_chart, pca_image
 from vae_hf.analysis.diffusability import TRANSFORMS, measure_latents
 from vae_hf.analysis.diffusion_probe import ProbeConfig, run_probe
 from vae_hf.analysis.evaluation import (
+    RANDOM_TRUNK_LPIPS,
     EvaluationError,
     EvaluationRequest,
     image_loader,
@@ -117,9 +118,10 @@ def diffusability_of(
     probe: ProbeConfig | None,
     lpips_model: nn.Module | None = None,
     fid_features: nn.Module | None = None,
+    lpips_name: str = "lpips",
 ) -> dict[str, Any]:
     """Measures 1-4 on every batch, and with `probe` the probe trained on the first images, scored on the rest."""
-    result = measure_latents(vae, batches, lpips_model)
+    result = measure_latents(vae, batches, lpips_model, seed=probe.seed if probe else 0, lpips_name=lpips_name)
     if probe is not None:
         train, heldout = split_heldout(batches, probe.batch_size)
         result["probe"] = run_probe(vae, train, heldout, probe, fid_features)
@@ -152,10 +154,12 @@ def compare_models(request: DiffusabilityRequest, fid_features: nn.Module | None
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lpips_model = build_lpips(request.perceptual_pretrained).to(device)
+    lpips_name = "lpips" if request.perceptual_pretrained else RANDOM_TRUNK_LPIPS
     results, pca = [], []
     for source, vae in zip(request.models, vaes, strict=True):
         vae.to(device).requires_grad_(False)
-        results.append({"model": source, **diffusability_of(vae, batches, probe, lpips_model, fid_features)})
+        measured = diffusability_of(vae, batches, probe, lpips_model, fid_features, lpips_name)
+        results.append({"model": source, **measured})
         with torch.no_grad():
             pca.append(vae.encode(batches[0][:PCA_IMAGES].to(device)).latent_dist.mean.cpu())
         vae.to("cpu")  # one model on the device at a time

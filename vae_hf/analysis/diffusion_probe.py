@@ -215,8 +215,9 @@ def probe_fid(
     """FID between images decoded from `count` probe samples and the held-out images; (None, reason) when the
     Inception weights are unavailable or there are too few images."""
     real = probe.heldout.images
-    if real is None or len(real) < 2 or count < 2:
-        return None, f"FID needs at least 2 samples and 2 held-out images, got {count} and {len(real or [])}"
+    held_out = 0 if real is None else len(real)
+    if held_out < 2 or count < 2:  # a covariance needs two samples
+        return None, f"FID needs at least 2 samples and 2 held-out images, got {count} and {held_out}"
     try:
         features = features if features is not None else inception_features()
     except FeaturesUnavailable as error:
