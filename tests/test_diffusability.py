@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vae_hf.analysis import diffusability_report
-from vae_hf.analysis.diffusability import TRANSFORMS, Spectrum, measure_latents, transform
+from vae_hf.analysis.diffusability import TRANSFORMS, ChannelCovariance, Spectrum, measure_latents, transform
 from vae_hf.analysis.diffusion_probe import ProbeConfig, run_probe
 from vae_hf.analysis.evaluation import FeaturesUnavailable
 from vae_hf.cli import main
@@ -123,10 +123,27 @@ def test_an_equivariant_autoencoder_has_equivariance_error_equal_to_its_reconstr
     scores = measure_latents(OffsetAutoencoder(), [images])["scalars"]
     for name in TRANSFORMS:
         assert scores[f"equivariance_psnr_{name}"] == pytest.approx(scores["reconstruction_psnr"], abs=1e-3)
+    # with f = 2: pooling and bilinear upsampling commute with a rotation, so the rotated image is the target
+    pooled = measure_latents(PoolingAutoencoder(), [smooth_images(4)])["scalars"]
+    assert pooled["equivariance_psnr_rot90"] == pytest.approx(pooled["reconstruction_psnr"], abs=1e-3)
     # and the measure compares with T(x), not with x: a decoder that ignores the latent is caught
     blind = OffsetAutoencoder()
     blind.decode = lambda latents: SimpleNamespace(sample=torch.zeros_like(latents))
     assert measure_latents(blind, [images])["scalars"]["equivariance_psnr_rot90"] < scores["reconstruction_psnr"] - 5
+
+
+def test_noisier_latents_decode_worse_and_a_copied_channel_shows_in_the_channel_statistics():
+    scores = measure_latents(PoolingAutoencoder(), [smooth_images(4)])["scalars"]
+    psnrs = [scores["reconstruction_psnr"]] + [scores[f"noise_psnr_{sigma}"] for sigma in (0.1, 0.2, 0.5)]
+    assert psnrs == sorted(psnrs, reverse=True) and psnrs[0] > psnrs[-1] + 3
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latents[:, 3] = 2 * latents[:, 0] + 1  # a channel that carries nothing new
+    channels = ChannelCovariance()
+    channels.add(latents)
+    summary = channels.summary()
+    assert summary["latent_max_abs_correlation"] == pytest.approx(1.0, abs=1e-9)
+    assert summary["pca_variance_share"][-1] == pytest.approx(0.0, abs=1e-9)
+    assert summary["channel_mean"][3] == pytest.approx(1.0 + 2 * summary["channel_mean"][0])
 
 
 def test_transforms_give_images_the_latent_grid_times_the_factor():
