@@ -200,9 +200,15 @@ def test_diffusability_command_prints_a_row_per_model_and_writes_json_and_plots(
             assert image.size[0] > 100
 
 
-def test_diffusability_refuses_too_few_images_in_one_line():
+def test_diffusability_refuses_what_it_cannot_measure_in_one_line(tmp_path):
     with pytest.raises(diffusability_report.EvaluationError, match="--max-images: must be >= 2"):
         diffusability_report.DiffusabilityRequest(models=["m"], data="d", max_images=1)
+    tiny_vae().save_pretrained(tmp_path / "vae")  # f = 2: 34 px give a 17 x 17 grid, which the probe cannot halve
+    odd = diffusability_report.DiffusabilityRequest(
+        models=[str(tmp_path / "vae")], data=str(tmp_path), resolution=34, perceptual_pretrained=False
+    )
+    with pytest.raises(diffusability_report.EvaluationError, match="odd latent grid"):
+        diffusability_report.compare_models(odd)
 
 
 def test_training_logs_the_measures_and_with_probe_steps_the_probe(image_folder, tmp_path):

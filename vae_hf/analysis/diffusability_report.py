@@ -25,6 +25,7 @@ from vae_hf.analysis.evaluation import (
     to_unit_range,
     write_report,
 )
+from vae_hf.analysis.inference import downsampling_factor
 from vae_hf.models.perceptual import build_lpips, require_vgg_weights
 from vae_hf.offline import OfflineError
 
@@ -142,7 +143,17 @@ def compare_models(request: DiffusabilityRequest, fid_features: nn.Module | None
         if path is not None:
             require_writable(Path(path))
     vaes = [load_checked_vae(source, request.resolution) for source in request.models]
+    if request.probe_steps:
+        for source, vae in zip(request.models, vaes, strict=True):
+            latent_side = request.resolution // downsampling_factor(vae)
+            if latent_side % 2:
+                raise EvaluationError(
+                    f"--resolution {request.resolution} gives {source} an odd latent grid ({latent_side}), which the "
+                    "probe's UNet cannot halve; choose a resolution with an even grid, or --probe-steps 0"
+                )
     batches = read_images(request)
+    if request.probe_steps and sum(len(batch) for batch in batches) < 2:
+        raise EvaluationError(f"--data: the probe needs at least 2 usable images in {request.data}")
     probe = None
     if request.probe_steps:
         probe = ProbeConfig(

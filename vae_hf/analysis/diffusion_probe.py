@@ -113,9 +113,12 @@ def probe_unet(channels: int, latent_size: tuple[int, int], width: int) -> UNet2
 class ProbeRun:
     """What the probe records while it trains."""
 
-    train_loss: list[float] = field(default_factory=list)
     curve_steps: list[int] = field(default_factory=list)
+    """Steps at which the held-out loss was measured, 0 first."""
     curve_loss: list[float] = field(default_factory=list)
+    """The held-out loss (mean over EVAL_SIGMAS) at each of those steps."""
+    train_loss: list[float] = field(default_factory=list)
+    """The mean training loss over each interval between two of those steps (one fewer than the steps)."""
 
 
 def flow_loss(unet: UNet2DModel, clean: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -162,20 +165,21 @@ class DiffusionProbe:
         run = ProbeRun()
         every = max(1, self.config.steps // self.config.curve_points)
         self._measure_into(run, 0)
+        interval_loss = torch.zeros((), device=self.device)
         for step in range(1, self.config.steps + 1):
             self.unet.train()
             loss = flow_loss(self.unet, *self.train_batch()).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            run.train_loss.append(float(loss.detach()))  # a host sync per step: the probe is small, the curve is wanted
+            interval_loss += loss.detach()  # read only at the curve's points: no host sync per step
             if step % every == 0 or step == self.config.steps:
+                run.train_loss.append(float(interval_loss) / (step - run.curve_steps[-1]))
+                interval_loss.zero_()
                 self._measure_into(run, step)
         return run
 
     def _measure_into(self, run: ProbeRun, step: int) -> None:
-        if run.curve_steps and run.curve_steps[-1] == step:
-            return
         run.curve_steps.append(step)
         run.curve_loss.append(sum(self.heldout_loss().values()) / len(EVAL_SIGMAS))
 
@@ -257,8 +261,11 @@ def run_probe(
         result: dict[str, Any] = {
             "probe_loss": sum(by_sigma.values()) / len(by_sigma),
             "probe_loss_by_sigma": by_sigma,
-            "probe_train_loss": curve.train_loss,
-            "probe_curve": {"step": curve.curve_steps, "heldout_loss": curve.curve_loss},
+            "probe_curve": {
+                "step": curve.curve_steps,
+                "heldout_loss": curve.curve_loss,
+                "train_loss": [None, *curve.train_loss],  # the mean since the previous step of the curve
+            },
             "probe_latent_shift": probe.shift,
             "probe_latent_scale": probe.scale,
             "probe": {**config.__dict__, "train_images": len(train.mean), "heldout_images": len(heldout.mean)},
