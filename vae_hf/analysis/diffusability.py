@@ -31,6 +31,7 @@ from vae_hf.analysis.evaluation import PSNR_CAP_DB, to_unit_range
 
 TRANSFORMS = ("x0.5", "x0.75", "rot90")
 NOISE_SIGMAS = (0.1, 0.2, 0.5)
+LPIPS_MIN_SIDE = 16  # VGG16's last LPIPS layer is 1/16 of the input: smaller images get PSNR only
 HIGH_FREQUENCY_CUTOFF = 0.5
 """Half the Nyquist frequency: the radius, as a fraction of Nyquist, above which energy counts as high."""
 
@@ -205,25 +206,25 @@ class LatentMeasures:
         self.images = 0
 
     @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+    def parameter(self) -> torch.Tensor:
+        return next(self.vae.parameters())  # its device and dtype are the VAE's
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents).sample.float()
+        return self.vae.decode(latents.to(self.parameter.dtype)).sample.float()
 
     def score(self, kind: str, tag: str, outputs: torch.Tensor, targets: torch.Tensor, lpips: bool = True) -> None:
         """Record `<kind>_psnr_<tag>` (and `<kind>_lpips_<tag>`), e.g. `equivariance_psnr_x0.5`."""
         suffix = f"_{tag}" if tag else ""
         self.means.add(f"{kind}_psnr{suffix}", psnr(outputs, targets))
-        if lpips and self.lpips_model is not None:
+        if lpips and self.lpips_model is not None and min(outputs.shape[2:]) >= LPIPS_MIN_SIDE:
             distances = self.lpips_model(outputs.float().clamp(-1, 1), targets.float())
             self.means.add(f"{kind}_{self.lpips_name}{suffix}", distances.flatten())
 
     @torch.no_grad()
     def add(self, images: torch.Tensor) -> None:
         """A batch of (N, 3, H, W) images in [-1, 1]."""
-        images = images.to(self.device, torch.float32)
-        latents = self.vae.encode(images).latent_dist.mean.float()
+        images = images.to(self.parameter.device, torch.float32)  # scored at full precision whatever the VAE's dtype
+        latents = self.vae.encode(images.to(self.parameter.dtype)).latent_dist.mean.float()
         latent_size = tuple(latents.shape[2:])
         factor = images.shape[2] // latent_size[0]
         self.latent_spectrum.add(latents)

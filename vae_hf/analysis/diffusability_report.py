@@ -172,7 +172,7 @@ def compare_models(request: DiffusabilityRequest, fid_features: nn.Module | None
         measured = diffusability_of(vae, batches, probe, lpips_model, fid_features, lpips_name)
         results.append({"model": source, **measured})
         with torch.no_grad():
-            pca.append(vae.encode(batches[0][:PCA_IMAGES].to(device)).latent_dist.mean.cpu())
+            pca.append(vae.encode(batches[0][:PCA_IMAGES].to(device, vae.dtype)).latent_dist.mean.float().cpu())
         vae.to("cpu")  # one model on the device at a time
     report = {
         "data": request.data,

@@ -77,12 +77,12 @@ class Posteriors:
 
 @torch.no_grad()
 def encode_posteriors(vae: nn.Module, image_batches: Iterable[torch.Tensor], keep_images: bool = False) -> Posteriors:
-    device = next(vae.parameters()).device
+    parameter = next(vae.parameters())  # the VAE's device and dtype
     means, stds, images = [], [], []
     for batch in image_batches:
         if len(batch) == 0:
             continue
-        posterior = vae.encode(batch.to(device, torch.float32)).latent_dist
+        posterior = vae.encode(batch.to(parameter.device, parameter.dtype)).latent_dist
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
         if keep_images:
@@ -227,11 +227,11 @@ def probe_fid(
     except FeaturesUnavailable as error:
         return None, str(error)
     fid = FrechetInceptionDistance(feature=features, normalize=True).to(probe.device)
-    device = next(vae.parameters()).device
+    parameter = next(vae.parameters())
     with torch.no_grad():
         for start in range(0, count, probe.config.batch_size):
-            latents = probe.sample(min(probe.config.batch_size, count - start))
-            fid.update(to_unit_range(vae.decode(latents.to(device)).sample.float().clamp(-1, 1)), real=False)
+            latents = probe.sample(min(probe.config.batch_size, count - start)).to(parameter.device, parameter.dtype)
+            fid.update(to_unit_range(vae.decode(latents).sample.float().clamp(-1, 1)), real=False)
         for start in range(0, len(real), probe.config.batch_size):
             fid.update(to_unit_range(real[start : start + probe.config.batch_size].to(probe.device)), real=True)
         return float(fid.compute()), None
