@@ -19,7 +19,7 @@ from vae_hf.analysis.diffusability import TRANSFORMS, ChannelCovariance, Spectru
 from vae_hf.analysis.diffusion_probe import ProbeConfig, run_probe
 from vae_hf.analysis.evaluation import FeaturesUnavailable
 from vae_hf.cli import main
-from vae_hf.config import load_config
+from vae_hf.config import ConfigError, load_config
 from vae_hf.io.model_card import write_model_card
 from vae_hf.train.trainer import Trainer
 
@@ -235,3 +235,11 @@ def test_training_logs_the_measures_and_with_probe_steps_the_probe(image_folder,
     assert "![latent spectra](diffusability/spectra.png)" in card
     assert (tmp_path / "staging" / "diffusability" / "spectra.png").is_file()
     assert "probe loss" in card.split("## Diffusability")[1]
+
+
+def test_the_probe_during_training_needs_held_out_images_and_the_measures(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match="train.diffusability_probe_steps: needs held-out images"):
+        load_config(None, tiny_overrides(image_folder, tmp_path, **{"train.diffusability_probe_steps": 10}))
+    with pytest.raises(ConfigError, match="train.eval_diffusability=true"):
+        overrides = {"train.diffusability_probe_steps": 10, "train.eval_diffusability": "false"}
+        load_config(None, tiny_overrides(image_folder, tmp_path, **{"data.validation_fraction": 0.25, **overrides}))
