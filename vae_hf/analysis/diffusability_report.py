@@ -95,7 +95,9 @@ def read_images(request: DiffusabilityRequest) -> list[torch.Tensor]:
     )
     batches, seen = [], 0
     for batch in loader:
-        images = batch["pixel_values"][: (request.max_images or len(batch["pixel_values"]) + seen) - seen]
+        images = batch["pixel_values"]
+        if request.max_images is not None:
+            images = images[: request.max_images - seen]
         if len(images):
             batches.append(images)
             seen += len(images)
@@ -134,23 +136,7 @@ def diffusability_of(
 
 def compare_models(request: DiffusabilityRequest, fid_features: nn.Module | None = None) -> dict[str, Any]:
     """Every model on the same images, probe budget and seed; bad input fails before the first forward pass."""
-    if request.perceptual_pretrained:
-        try:
-            require_vgg_weights()
-        except OfflineError as error:
-            raise OfflineError(f"{error}; for vae-hf diffusability the switch is --perceptual-random") from None
-    for path in (request.out, request.plots and str(Path(request.plots) / "spectra.png")):
-        if path is not None:
-            require_writable(Path(path))
-    vaes = [load_checked_vae(source, request.resolution) for source in request.models]
-    if request.probe_steps:
-        for source, vae in zip(request.models, vaes, strict=True):
-            latent_side = request.resolution // downsampling_factor(vae)
-            if latent_side % 2:
-                raise EvaluationError(
-                    f"--resolution {request.resolution} gives {source} an odd latent grid ({latent_side}), which the "
-                    "probe's UNet cannot halve; choose a resolution with an even grid, or --probe-steps 0"
-                )
+    vaes = load_checked_models(request)
     batches = read_images(request)
     if request.probe_steps and sum(len(batch) for batch in batches) < 2:
         raise EvaluationError(f"--data: the probe needs at least 2 usable images in {request.data}")
@@ -188,6 +174,28 @@ def compare_models(request: DiffusabilityRequest, fid_features: nn.Module | None
     if request.out is not None:
         write_report(report, Path(request.out))
     return report
+
+
+def load_checked_models(request: DiffusabilityRequest) -> list[nn.Module]:
+    """The models, once everything that can be checked without images is: LPIPS weights, output paths, each
+    model's downsampling of the resolution and, for the probe, an even latent grid."""
+    if request.perceptual_pretrained:
+        try:
+            require_vgg_weights()
+        except OfflineError as error:
+            raise OfflineError(f"{error}; for vae-hf diffusability the switch is --perceptual-random") from None
+    for path in (request.out, request.plots and str(Path(request.plots) / "spectra.png")):
+        if path is not None:
+            require_writable(Path(path))
+    vaes = [load_checked_vae(source, request.resolution) for source in request.models]
+    for source, vae in zip(request.models, vaes, strict=True):
+        latent_side = request.resolution // downsampling_factor(vae)
+        if request.probe_steps and latent_side % 2:
+            raise EvaluationError(
+                f"--resolution {request.resolution} gives {source} an odd latent grid ({latent_side}), which the "
+                "probe's UNet cannot halve; choose a resolution with an even grid, or --probe-steps 0"
+            )
+    return vaes
 
 
 # --- the table ---------------------------------------------------------------------------------------------------
