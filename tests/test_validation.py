@@ -73,9 +73,11 @@ def test_resumed_runs_keep_their_baseline(image_folder, tmp_path):
     resumed = build(image_folder, tmp_path, **overrides, **{"train.max_steps": 2, "train.resume_from": "latest"})
     resumed.train()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["baseline"] == baseline
+    table = (tmp_path / "run" / "diffusability" / "table.md").read_text()  # the model card's diffusability rows
+    assert "| eval, step 0 (baseline) |" in table and "| eval, step 2 (final) |" in table and "step 1" not in table
     # a new run (starting over in the same folder) measures its own baseline
     fresh = build(image_folder, tmp_path, **overrides, **{"train.max_steps": 1, "train.overwrite_output_dir": "true"})
-    assert not fresh.validator.has_baseline
+    assert not fresh.validator.has_baseline and not (tmp_path / "run" / "diffusability").exists()
 
 
 def test_too_small_a_dataset_to_hold_out_is_refused(tmp_path):

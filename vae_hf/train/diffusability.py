@@ -13,13 +13,15 @@ from torch import nn
 from vae_hf.analysis.diffusability_report import diffusability_of, format_table, spectra_chart
 from vae_hf.analysis.diffusion_probe import ProbeConfig
 from vae_hf.config import Config
-from vae_hf.io.model_card import DIFFUSABILITY_DIR
+from vae_hf.io.model_card import DIFFUSABILITY_DIR, DIFFUSABILITY_RECORD
 
 
 class DiffusabilityRecorder:
     """Measures the models of one evaluation and keeps the table and the spectra of every evaluation so far."""
 
-    def __init__(self, config: Config, output_dir: Path):
+    def __init__(self, config: Config, output_dir: Path, record: dict[str, Any] | None = None):
+        """`record`: a resumed run's metrics.json, whose earlier evaluations stay in the table (their spectra are
+        not kept there, so the chart starts with this process's evaluations)."""
         self.folder = Path(output_dir) / DIFFUSABILITY_DIR
         train = config.train
         self.probe = None
@@ -30,7 +32,11 @@ class DiffusabilityRecorder:
                 seed=config.seed,
                 fid_samples=0,  # FID needs many samples and Inception: `vae-hf diffusability` measures it
             )
-        self.rows: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+        self.rows: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {}
+        for label in ("baseline", "latest", "final"):  # metrics.json's evaluations, in order
+            evaluation = (record or {}).get(label, {})
+            for name, scalars in evaluation.get(DIFFUSABILITY_RECORD, {}).items():
+                self.rows[f"{label}/{name}"] = (f"{name}, step {evaluation['step']} ({label})", scalars, None)
 
     def measure(
         self,
@@ -42,6 +48,8 @@ class DiffusabilityRecorder:
     ) -> dict[str, dict[str, float]]:
         """The scalars of each model, by model name (`eval`, `eval_ema`); writes table.md and spectra.png."""
         measured = {}
+        if label == "final":  # the final evaluation supersedes the latest progress row
+            self.rows = {key: row for key, row in self.rows.items() if not key.startswith("latest/")}
         for name, vae in models.items():
             result = diffusability_of(vae, batches, self.probe, lpips_model)
             measured[name] = result["scalars"]
@@ -54,4 +62,6 @@ class DiffusabilityRecorder:
         self.folder.mkdir(parents=True, exist_ok=True)
         rows = list(self.rows.values())
         (self.folder / "table.md").write_text(format_table([(label, scalars) for label, scalars, _ in rows]) + "\n")
-        spectra_chart([(label, spectrum) for label, _, spectrum in rows]).save(self.folder / "spectra.png")
+        spectra = [(label, spectrum) for label, _, spectrum in rows if spectrum is not None]
+        if spectra:
+            spectra_chart(spectra).save(self.folder / "spectra.png")

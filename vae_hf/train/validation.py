@@ -43,7 +43,9 @@ class Validator:
         self.loader = DataLoader(shard, batch_size=config.train.batch_size, collate_fn=collate)
         self.full_loader = DataLoader(heldout, batch_size=config.train.batch_size, collate_fn=collate)
         self.metrics = ReconstructionMetrics(config.train.eval_metrics, config.loss.perceptual_pretrained)
-        self.diffusability = DiffusabilityRecorder(config, output_dir) if config.train.eval_diffusability else None
+        self.diffusability = (
+            DiffusabilityRecorder(config, output_dir, self.record) if config.train.eval_diffusability else None
+        )
         self.metrics.to(accelerator.device)
         if self.metrics.rfid_unavailable and accelerator.is_main_process:
             logger.warning("rFID will not be reported: %s", self.metrics.rfid_unavailable)
