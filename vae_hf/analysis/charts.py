@@ -56,7 +56,7 @@ def line_chart(series: Sequence[Series], title: str, x_label: str, y_label: str,
         draw.text((right - 164, top + 6 + 16 * index), spec.label[:26], fill="black")
     draw.text((left, 12), title, fill="black")
     draw.text(((left + right) // 2 - 4 * len(x_label), SIZE[1] - 20), x_label, fill="black")
-    draw.text((6, 12 + 14), ("log10 " if log_y else "") + y_label, fill="black")
+    draw.text((6, 12 + 14), y_label + (" (log scale)" if log_y else ""), fill="black")
     return image
 
 
@@ -86,7 +86,7 @@ def _ticks(draw: ImageDraw.ImageDraw, x_range, y_range, place, log_y: bool, box)
         _, py = place(x_range[0], y)
         draw.line((left - 4, py, left, py), fill="black")
         draw.line((left + 1, py, right - 1, py), fill=(235, 235, 235))
-        draw.text((6, py - 6), f"{y:.3g}", fill="black")
+        draw.text((6, py - 6), f"{10**y if log_y else y:.3g}", fill="black")  # log axes are labelled in values
 
 
 def pca_image(latents: torch.Tensor) -> torch.Tensor:
