@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vae_hf.analysis import diffusability_report
+from vae_hf.analysis.charts import pca_image
 from vae_hf.analysis.diffusability import TRANSFORMS, ChannelCovariance, Spectrum, measure_latents, transform
 from vae_hf.analysis.diffusion_probe import ProbeConfig, run_probe
 from vae_hf.analysis.evaluation import FeaturesUnavailable
@@ -144,6 +145,16 @@ def test_noisier_latents_decode_worse_and_a_copied_channel_shows_in_the_channel_
     assert summary["latent_max_abs_correlation"] == pytest.approx(1.0, abs=1e-9)
     assert summary["pca_variance_share"][-1] == pytest.approx(0.0, abs=1e-9)
     assert summary["channel_mean"][3] == pytest.approx(1.0 + 2 * summary["channel_mean"][0])
+
+
+def test_the_pca_image_colours_the_latents_main_direction():
+    columns = torch.arange(8.0).expand(8, 8)  # a left-to-right ramp
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.01
+    latents[:, 1] += columns  # the ramp is the first principal component, in channel 1
+    rgb = pca_image(latents)
+    assert rgb.shape == (2, 3, 8, 8) and 0 <= rgb.min() and rgb.max() <= 1
+    red = rgb[:, 0].mean(dim=(0, 1))  # by column
+    assert abs(torch.corrcoef(torch.stack([red, torch.arange(8.0)]))[0, 1]) > 0.99  # its sign is arbitrary
 
 
 def test_transforms_give_images_the_latent_grid_times_the_factor():
