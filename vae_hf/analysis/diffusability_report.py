@@ -122,9 +122,11 @@ def diffusability_of(
     lpips_model: nn.Module | None = None,
     fid_features: nn.Module | None = None,
     lpips_name: str = "lpips",
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Measures 1-4 on every batch, and with `probe` the probe trained on the first images, scored on the rest."""
-    result = measure_latents(vae, batches, lpips_model, seed=probe.seed if probe else 0, lpips_name=lpips_name)
+    """Measures 1-4 on every batch (`seed`: of measure 3's noise), and with `probe` the probe trained on the first
+    images, scored on the rest."""
+    result = measure_latents(vae, batches, lpips_model, seed=seed, lpips_name=lpips_name)
     if probe is not None:
         train, heldout = split_heldout(batches, probe.batch_size)
         result["probe"] = run_probe(vae, train, heldout, probe, fid_features)
@@ -155,7 +157,7 @@ def compare_models(request: DiffusabilityRequest, fid_features: nn.Module | None
     results, pca = [], []
     for source, vae in zip(request.models, vaes, strict=True):
         vae.to(device).requires_grad_(False)
-        measured = diffusability_of(vae, batches, probe, lpips_model, fid_features, lpips_name)
+        measured = diffusability_of(vae, batches, probe, lpips_model, fid_features, lpips_name, request.seed)
         results.append({"model": source, **measured})
         with torch.no_grad():
             pca.append(vae.encode(batches[0][:PCA_IMAGES].to(device, vae.dtype)).latent_dist.mean.float().cpu())

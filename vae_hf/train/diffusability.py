@@ -24,6 +24,7 @@ class DiffusabilityRecorder:
         not kept there, so the chart starts with this process's evaluations)."""
         self.folder = Path(output_dir) / DIFFUSABILITY_DIR
         train = config.train
+        self.seed = config.seed
         self.probe = None
         if train.diffusability_probe_steps:
             self.probe = ProbeConfig(
@@ -51,7 +52,7 @@ class DiffusabilityRecorder:
         if label == "final":  # the final evaluation supersedes the latest progress row
             self.rows = {key: row for key, row in self.rows.items() if not key.startswith("latest/")}
         for name, vae in models.items():
-            result = diffusability_of(vae, batches, self.probe, lpips_model)
+            result = diffusability_of(vae, batches, self.probe, lpips_model, seed=self.seed)
             measured[name] = result["scalars"]
             self.rows[f"{label}/{name}"] = (f"{name}, step {step} ({label})", result["scalars"], result["spectrum"])
         self.write()
