@@ -160,6 +160,7 @@ class DiffusionProbe:
         sigmas = torch.rand(len(clean), generator=self.generator)
         return clean.to(self.device), noise.to(self.device), sigmas.to(self.device)
 
+    @torch.enable_grad()  # the probe trains even when its caller evaluates under no_grad
     def fit(self) -> ProbeRun:
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.config.lr)
         run = ProbeRun()
