@@ -57,8 +57,13 @@ def test_training_records_baseline_progress_final_scores_and_latent_stats(image_
     assert record["final"]["eval"]["psnr"] > record["baseline"]["eval"]["psnr"]  # it learned something
     stats = record["latent_stats"]
     assert stats["scaling_factor"] == pytest.approx(1 / stats["std"])
+    # the cheap diffusability measures ride along (vae-hf diffusability's measures 1-4), the probe does not
+    measured = record["final"]["diffusability"]["eval"]
+    assert 0 <= measured["latent_hf_energy"] <= 1 and 0 < measured["equivariance_psnr_x0.5"] < 100
+    assert "probe_loss" not in measured and "equivariance_lpips_x0.5" not in measured  # no probe, no real LPIPS
     card = render_card(read_run(tmp_path / "run" / "vae"), "alice/tiny-vae", None)
     assert "| final.eval.lpips_random_trunk |" in card and "| final.eval.lpips |" not in card
+    assert "## Diffusability" in card and "| eval, step 4 (final) |" in card and "| eval, step 0 (baseline) |" in card
 
 
 def test_resumed_runs_keep_their_baseline(image_folder, tmp_path):
@@ -68,9 +73,11 @@ def test_resumed_runs_keep_their_baseline(image_folder, tmp_path):
     resumed = build(image_folder, tmp_path, **overrides, **{"train.max_steps": 2, "train.resume_from": "latest"})
     resumed.train()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["baseline"] == baseline
+    table = (tmp_path / "run" / "diffusability" / "table.md").read_text()  # the model card's diffusability rows
+    assert "| eval, step 0 (baseline) |" in table and "| eval, step 2 (final) |" in table and "step 1" not in table
     # a new run (starting over in the same folder) measures its own baseline
     fresh = build(image_folder, tmp_path, **overrides, **{"train.max_steps": 1, "train.overwrite_output_dir": "true"})
-    assert not fresh.validator.has_baseline
+    assert not fresh.validator.has_baseline and not (tmp_path / "run" / "diffusability").exists()
 
 
 def test_too_small_a_dataset_to_hold_out_is_refused(tmp_path):

@@ -313,6 +313,15 @@ class TrainConfig:
     """Evaluate on the held-out set every this many steps (and at start and end); null: start and end only."""
     eval_metrics: List[str] = field(default_factory=lambda: ["psnr", "ssim", "lpips", "rfid"])
     """Metrics of the held-out evaluation: psnr, ssim, lpips, rfid."""
+    eval_diffusability: bool = True
+    """With each held-out evaluation, also measure how learnable the latents are (the cheap measures of `vae-hf
+    diffusability`: eval/latent_hf_energy, eval/equivariance_psnr_x0.5, eval/noise_psnr_0.5, ...) on the main
+    process, and write <output_dir>/diffusability/ (a table and the spectrum chart the model card shows)."""
+    diffusability_probe_steps: Optional[int] = None
+    """With eval_diffusability, also train the diffusion probe for this many steps on the held-out latents at each
+    evaluation and log eval/probe_loss (null: no probe; it costs far more than the other measures)."""
+    diffusability_probe_width: int = 64
+    """Channels of the probe UNet's first level."""
     sample_every_steps: int = 500
     """Write an original | reconstruction PNG every this many steps (and at step 1)."""
     log_every_steps: int = 10
@@ -328,8 +337,9 @@ class TrainConfig:
     """null, latest, or a checkpoint folder."""
     overwrite_output_dir: bool = False
     """Start a new run in an output_dir that holds another run's checkpoints, deleting that run's checkpoints/,
-    vae/, vae_ema/, samples/, logs/, metrics.json and config.yaml first. False: such a run is refused (continue the
-    old run with resume_from=latest, or choose another output_dir), so that two runs never share checkpoints."""
+    vae/, vae_ema/, samples/, logs/, diffusability/, metrics.json and config.yaml first. False: such a run is refused
+    (continue the old run with resume_from=latest, or choose another output_dir), so that two runs never share
+    checkpoints."""
     max_nonfinite_steps: int = 25
     """Consecutive steps with non-finite gradients (skipped) after which the run saves and stops."""
     channels_last: bool = False
@@ -372,6 +382,9 @@ class TrainConfig:
             _require(self.eval_every_steps >= 1, "train.eval_every_steps", "must be >= 1 (or null)")
         for name in self.eval_metrics:
             _require_choice(name, "train.eval_metrics")
+        if self.diffusability_probe_steps is not None:
+            _require(self.diffusability_probe_steps >= 1, "train.diffusability_probe_steps", "must be >= 1 (or null)")
+        _require(self.diffusability_probe_width >= 4, "train.diffusability_probe_width", "must be >= 4")
         _require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
         if self.checkpoint_every_steps is not None:
             _require(self.checkpoint_every_steps >= 1, "train.checkpoint_every_steps", "must be >= 1 (or null)")
@@ -451,9 +464,20 @@ class Config:
             "train.hub_push_every_export",
             "needs train.push_to_hub=true (and train.hub_repo_id)",
         )
+        held_out = data.validation_split is not None or data.validation_fraction > 0
         _require(
-            train.eval_every_steps is None or data.validation_split is not None or data.validation_fraction > 0,
+            train.eval_every_steps is None or held_out,
             "train.eval_every_steps",
+            "needs held-out images: set data.validation_fraction (e.g. 0.01) or data.validation_split",
+        )
+        _require(
+            train.diffusability_probe_steps is None or train.eval_diffusability,
+            "train.diffusability_probe_steps",
+            "runs with the diffusability measures; set train.eval_diffusability=true or remove it",
+        )
+        _require(
+            train.diffusability_probe_steps is None or held_out,
+            "train.diffusability_probe_steps",
             "needs held-out images: set data.validation_fraction (e.g. 0.01) or data.validation_split",
         )
         if self.model.pretrained is not None:

@@ -275,7 +275,7 @@ def inception_weights_file() -> Path:
             reason = f"download failed: {error}"
     raise FeaturesUnavailable(
         f"the Inception weights are not cached at {path} and cannot be downloaded ({reason}); "
-        f"put {INCEPTION_WEIGHTS_URL} there to get rFID"
+        f"put {INCEPTION_WEIGHTS_URL} there to get FID"
     )
 
 
@@ -349,7 +349,7 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
         except OfflineError as error:  # its message names the training flag; name ours too
             raise OfflineError(f"{error}; for vae-hf evaluate the switch is --perceptual-random") from None
     if request.out is not None:
-        _require_writable(Path(request.out))
+        require_writable(Path(request.out))
     vaes = [load_checked_vae(source, request.resolution) for source in request.models]  # before data: cheaper
     loader = image_loader(request)
     upscaled = count_upscaled(loader.dataset.dataset, request.image_column, request.resolution, request.max_images)
@@ -422,7 +422,7 @@ def load_checked_vae(source: str, resolution: int) -> AutoencoderKL:
     return vae
 
 
-def _require_writable(path: Path) -> None:
+def require_writable(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -178,6 +178,61 @@ def _add_evaluate(commands) -> None:
     )
 
 
+def _add_diffusability(commands) -> None:
+    parser = commands.add_parser(
+        "diffusability", help="how learnable a VAE's latents are: spectrum, equivariance, noise, channels, probe"
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        dest="models",
+        metavar="MODEL",
+        help="diffusers folder, Hub id, or .safetensors; repeat to compare models on the same images and budget",
+    )
+    parser.add_argument("--data", required=True, help="local image folder or Hub dataset id")
+    parser.add_argument("--split", default="train", help="dataset split")
+    parser.add_argument("--image-column", default="image", help="column holding the images")
+    parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (a multiple of the VAE's f)")
+    parser.add_argument("--max-images", type=int, default=256, help="use the first N usable images (held in memory)")
+    parser.add_argument("--probe-steps", type=int, default=1000, help="diffusion probe steps (0: no probe)")
+    parser.add_argument("--probe-width", type=int, default=64, help="channels of the probe UNet's first level")
+    parser.add_argument("--probe-batch-size", type=int, default=16, help="latents per probe step")
+    parser.add_argument(
+        "--fid-samples", type=int, default=None, help="probe samples for FID (default: one per held-out image; 0: none)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probe and of the latent noise")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
+    parser.add_argument("--perceptual-random", action="store_true", help="random VGG trunk for LPIPS (offline tests)")
+    parser.add_argument("--out", default=None, help="JSON file for the results")
+    parser.add_argument(
+        "--plots", default=None, metavar="DIR", help="folder for spectra.png, latent_pca.png and probe_loss.png"
+    )
+    parser.set_defaults(
+        run=lambda args: _command("diffusability", "diffusability_command")(
+            _command("diffusability", "DiffusabilityRequest")(
+                models=args.models,
+                data=args.data,
+                split=args.split,
+                image_column=args.image_column,
+                resolution=args.resolution,
+                max_images=args.max_images,
+                probe_steps=args.probe_steps,
+                probe_width=args.probe_width,
+                probe_batch_size=args.probe_batch_size,
+                fid_samples=args.fid_samples,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                num_workers=args.num_workers,
+                perceptual_pretrained=not args.perceptual_random,
+                out=args.out,
+                plots=args.plots,
+            )
+        )
+    )
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -236,6 +291,7 @@ SUBCOMMANDS = [
     _add_export,
     _add_push,
     _add_evaluate,
+    _add_diffusability,
     _add_bench,
 ]
 

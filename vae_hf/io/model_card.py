@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 CARD_FILE = "README.md"
 SAMPLES_DIR = "samples"
+DIFFUSABILITY_DIR = "diffusability"
+"""Where a run writes its diffusability table and spectrum chart (`vae_hf.train.diffusability`)."""
+DIFFUSABILITY_RECORD = "diffusability"
+"""The key of the diffusability measures in each evaluation of metrics.json."""
 TAGS = ["stable-diffusion", "vae", "autoencoder-kl", "diffusers", "vae-hf"]
 SD_PIPELINE_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The pipeline the usage lines plug the VAE into: the common SD 1.x base with 4 latent channels."""
@@ -44,21 +48,31 @@ class RunRecord:
     """Metric name -> value, from `<output_dir>/metrics.json`."""
     sample: Path | None = None
     """The newest `<output_dir>/samples/*.png` (original | reconstruction)."""
+    diffusability_table: str | None = None
+    """`<output_dir>/diffusability/table.md`: the diffusability row of each held-out evaluation."""
+    spectrum_chart: Path | None = None
+    """`<output_dir>/diffusability/spectra.png`: the latents' spectra beside the images'."""
 
 
 def write_model_card(folder: Path, target: Path, repo_id: str, license_id: str | None = None) -> Path:
     """Write README.md (and the sample image it shows) into `target`, the staging copy of `folder`."""
     record = read_run(Path(folder))
-    sample_name = None
-    if record.sample is not None:
-        sample_name = f"{SAMPLES_DIR}/{record.sample.name}"
-        destination = target / sample_name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.unlink(missing_ok=True)  # it may be a hard link into the user's folder: never write through it
-        shutil.copyfile(record.sample, destination)
+    sample_name = _copy_into(target, record.sample, f"{SAMPLES_DIR}/{record.sample.name}") if record.sample else None
+    chart_name = _copy_into(target, record.spectrum_chart, f"{DIFFUSABILITY_DIR}/spectra.png")
     card = target / CARD_FILE
-    card.write_text(render_card(record, repo_id, license_id, sample_name))
+    card.write_text(render_card(record, repo_id, license_id, sample_name, chart_name))
     return card
+
+
+def _copy_into(target: Path, source: Path | None, name: str) -> str | None:
+    """Copy `source` to `target/name` (the card links it by that name); None when there is no source."""
+    if source is None:
+        return None
+    destination = target / name
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.unlink(missing_ok=True)  # it may be a hard link into the user's folder: never write through it
+    shutil.copyfile(source, destination)
+    return name
 
 
 def run_dir_of(folder: Path) -> Path | None:
@@ -80,6 +94,10 @@ def read_run(folder: Path) -> RunRecord:
     record.metrics = flatten(metrics) if isinstance(metrics, dict) else None
     samples = list((run_dir / "samples").glob("*.png"))
     record.sample = max(samples, key=lambda path: (path.stat().st_mtime, path.name)) if samples else None
+    table = run_dir / DIFFUSABILITY_DIR / "table.md"
+    record.diffusability_table = table.read_text().strip() if table.is_file() else None
+    chart = run_dir / DIFFUSABILITY_DIR / "spectra.png"
+    record.spectrum_chart = chart if chart.is_file() else None
     return record
 
 
@@ -114,7 +132,13 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # --- rendering ---------------------------------------------------------------------------------------------------
 
 
-def render_card(record: RunRecord, repo_id: str, license_id: str | None, sample_name: str | None = None) -> str:
+def render_card(
+    record: RunRecord,
+    repo_id: str,
+    license_id: str | None,
+    sample_name: str | None = None,
+    chart_name: str | None = None,
+) -> str:
     sections = [
         front_matter(record, license_id),
         f"# {repo_id.split('/')[-1]}\n\n"
@@ -122,6 +146,7 @@ def render_card(record: RunRecord, repo_id: str, license_id: str | None, sample_
         _architecture(record.vae_config),
         _training(record),
         _metrics(record.metrics),
+        _diffusability(record.diffusability_table, chart_name),
         f"## Sample\n\nOriginal | reconstruction:\n\n![sample]({sample_name})" if sample_name else None,
         _usage(record, repo_id),
         _recipe(record.config_text),
@@ -207,8 +232,29 @@ def _losses(loss: Any) -> str | None:
 def _metrics(metrics: dict[str, Any] | None) -> str | None:
     if not metrics:
         return None
-    rows = [f"| {_cell(name)} | {_cell(_number(value))} |" for name, value in metrics.items()]
+    # the diffusability measures have their own section, as the table `vae-hf diffusability` prints
+    rows = [
+        f"| {_cell(name)} | {_cell(_number(value))} |"
+        for name, value in metrics.items()
+        if f".{DIFFUSABILITY_RECORD}." not in name
+    ]
     return "\n".join(["## Metrics", "", "| metric | value |", "| --- | --- |", *rows])
+
+
+def _diffusability(table: str | None, chart_name: str | None) -> str | None:
+    if table is None:
+        return None
+    lines = [
+        "## Diffusability",
+        "",
+        "How learnable the latent space is, measured on the held-out images during training (the measures of "
+        "`vae-hf diffusability`: latent spectrum, equivariance, noise robustness, channel statistics):",
+        "",
+        table,
+    ]
+    if chart_name:
+        lines += ["", f"![latent spectra]({chart_name})"]
+    return "\n".join(lines)
 
 
 def _usage(record: RunRecord, repo_id: str) -> str:

@@ -20,7 +20,7 @@ from vae_hf.config import Config
 from vae_hf.train.checkpoint import Checkpointer
 
 # What a run writes into its output_dir; `train.overwrite_output_dir` deletes these and nothing else.
-RUN_OUTPUTS = ("checkpoints", "vae", "vae_ema", "samples", "logs", "metrics.json", "config.yaml")
+RUN_OUTPUTS = ("checkpoints", "vae", "vae_ema", "samples", "logs", "metrics.json", "config.yaml", "diffusability")
 # Where a run writes and how it starts, not what it trains: left out when a resumed run lists what changed.
 NOT_COMPARED = ("output_dir", "train.resume_from", "train.overwrite_output_dir")
 

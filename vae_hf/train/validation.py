@@ -20,6 +20,8 @@ from vae_hf.analysis.latent_stats import latent_statistics
 from vae_hf.config import Config
 from vae_hf.data.datasets import heldout_dataset
 from vae_hf.data.loader import collate
+from vae_hf.io.model_card import DIFFUSABILITY_RECORD
+from vae_hf.train.diffusability import DiffusabilityRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ class Validator:
         self.loader = DataLoader(shard, batch_size=config.train.batch_size, collate_fn=collate)
         self.full_loader = DataLoader(heldout, batch_size=config.train.batch_size, collate_fn=collate)
         self.metrics = ReconstructionMetrics(config.train.eval_metrics, config.loss.perceptual_pretrained)
+        self.diffusability = (
+            DiffusabilityRecorder(config, output_dir, self.record) if config.train.eval_diffusability else None
+        )
         self.metrics.to(accelerator.device)
         if self.metrics.rfid_unavailable and accelerator.is_main_process:
             logger.warning("rFID will not be reported: %s", self.metrics.rfid_unavailable)
@@ -57,13 +62,27 @@ class Validator:
         """Score each model (every process must call this); returns the numbers to log, by name."""
         results = {name: evaluate_vae(vae, self.loader, self.metrics) for name, vae in models.items()}
         self.record[label] = {"step": step, **results}
-        self._write()
-        return {
+        logged = {
             f"{name}/{metric}": value
             for name, scores in results.items()
             for metric, value in scores.items()
             if isinstance(value, (int, float)) and metric not in ("num_images", "images_skipped")
         }
+        if self.diffusability is not None and self.accelerator.is_main_process:
+            measured = self.measure_diffusability(models, step, label)
+            self.record[label][DIFFUSABILITY_RECORD] = measured
+            for name, scalars in measured.items():
+                logged.update({f"{name}/{key}": value for key, value in scalars.items()})
+        self._write()
+        return logged
+
+    def measure_diffusability(self, models: dict[str, AutoencoderKL], step: int, label: str) -> dict[str, dict]:
+        """How learnable the latents are (main process, all held-out images): `vae-hf diffusability`'s measures
+        1-4, and the probe when `train.diffusability_probe_steps` is set. LPIPS only with the pretrained trunk."""
+        lpips_model = self.metrics.lpips_model if self.metrics.perceptual_pretrained else None
+        with torch.no_grad():
+            batches = list(self.latent_batches())
+        return self.diffusability.measure(models, batches, lpips_model, step, label)
 
     def latent_statistics(self, vae: AutoencoderKL, step: int) -> dict[str, Any] | None:
         """Latent mean/std over the held-out images (main process); the factors diffusion training wants."""
