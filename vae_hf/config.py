@@ -213,6 +213,10 @@ class LossConfig:
     """Scale of the discriminator's own loss (the reference recipe multiplies it by disc_weight, 0.5)."""
     disc_start_step: int = 3750
     """Optimizer step at which the discriminator starts (reference recipe: 15000 micro-batches / 4 = 3750)."""
+    disc_update_start_step: Optional[int] = None
+    """Optimizer step from which the discriminator trains on detached reconstructions, while its loss reaches the
+    VAE only from disc_start_step (RAE, arXiv 2510.11690: discriminator from epoch 6, its loss from epoch 8): an
+    untrained discriminator switched on ruins reconstructions. null: from disc_start_step."""
     disc_loss: str = "lsgan"
     """Adversarial loss: lsgan (the reference recipe), hinge (LDM) or vanilla (non-saturating BCE)."""
     adaptive_disc_weight: bool = False
@@ -236,6 +240,13 @@ class LossConfig:
             value = getattr(self, key)
             _require(math.isfinite(value) and value >= 0, f"loss.{key}", f"must be finite and >= 0, got {value}")
         _require(self.disc_start_step >= 0, "loss.disc_start_step", "must be >= 0")
+        if self.disc_update_start_step is not None:
+            _require(
+                0 <= self.disc_update_start_step <= self.disc_start_step,
+                "loss.disc_update_start_step",
+                f"must be in [0, loss.disc_start_step={self.disc_start_step}] (the discriminator warms up before it "
+                f"plays), got {self.disc_update_start_step}",
+            )
         _require(self.adaptive_weight_max > 0, "loss.adaptive_weight_max", "must be > 0")
         _require(self.disc_channels > 0, "loss.disc_channels", "must be > 0")
         _require(self.disc_num_layers >= 1, "loss.disc_num_layers", "must be >= 1")
@@ -243,6 +254,11 @@ class LossConfig:
     @property
     def uses_discriminator(self) -> bool:
         return self.disc_weight > 0
+
+    @property
+    def disc_train_start_step(self) -> int:
+        """The optimizer step from which the discriminator trains (its warm-up start, else when it plays)."""
+        return self.disc_start_step if self.disc_update_start_step is None else self.disc_update_start_step
 
 
 @dataclass
@@ -420,6 +436,11 @@ class Config:
             not (loss.adaptive_disc_weight and loss.disc_weight == 0),
             "loss.adaptive_disc_weight",
             "scales the adversarial term, but loss.disc_weight is 0 (no discriminator); set one or the other",
+        )
+        _require(
+            not (loss.disc_update_start_step is not None and loss.disc_weight == 0),
+            "loss.disc_update_start_step",
+            "warms up a discriminator, but loss.disc_weight is 0 (no discriminator); set one or the other",
         )
         _require(
             not (train.overwrite_output_dir and train.resume_from == "latest"),

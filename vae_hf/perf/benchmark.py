@@ -210,7 +210,9 @@ def _trainer(config: Config, disc_start: int) -> Trainer:
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator at a time
     GradientState._reset_state()
-    return Trainer(replace(config, loss=replace(config.loss, disc_start_step=disc_start)))
+    # the discriminator's warm-up is timed as its playing steps are: both run its full update
+    loss = replace(config.loss, disc_start_step=disc_start, disc_update_start_step=None)
+    return Trainer(replace(config, loss=loss))
 
 
 def _time_interleaved(trainer: Trainer, warmup: int, disc_on: bool) -> tuple[dict[str, float], dict[str, float]]:

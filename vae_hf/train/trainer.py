@@ -234,8 +234,8 @@ class Trainer:
             discriminator.to(memory_format=self.memory_format)
             if config.train.compile:
                 self._compile(discriminator)
-            # its schedule (warm-up, decay) runs over the steps it plays, from loss.disc_start_step to the end
-            disc_steps = max(self.total_steps - config.loss.disc_start_step, 1)
+            # its schedule (warm-up, decay) runs over the steps it trains, from its first update to the end
+            disc_steps = max(self.total_steps - config.loss.disc_train_start_step, 1)
             self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr, disc_steps)
 
     def _compile(self, *modules: nn.Module | None) -> None:
@@ -312,6 +312,12 @@ class Trainer:
         """The reference recipe switches the discriminator on after 15,000 micro-batches, i.e. 3,750 steps of 4."""
         return self.disc_player is not None and self.progress.global_step >= self.config.loss.disc_start_step
 
+    @property
+    def disc_training(self) -> bool:
+        """The discriminator learns from `loss.disc_update_start_step` (a warm-up before it plays), else from
+        `loss.disc_start_step`."""
+        return self.disc_player is not None and self.progress.global_step >= self.config.loss.disc_train_start_step
+
     def autocast(self):
         return autocast(self.accelerator.device.type, self.config.train.mixed_precision)
 
@@ -320,7 +326,7 @@ class Trainer:
 
     def training_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Generator update, then discriminator update; returns the detached loss breakdown."""
-        disc_active = self.disc_active
+        disc_active, disc_training = self.disc_active, self.disc_training
         with self.autocast():
             reconstructions, posterior = self.vae_player.wrapped(images, generator=self._noise_generator())
             g_loss, breakdown = self.generator_loss(images, reconstructions, posterior, disc_active)
@@ -330,7 +336,7 @@ class Trainer:
             self._count_nonfinite(updated)
             if self.ema is not None:
                 self.ema.update(self.vae, applied=updated)
-        if disc_active:
+        if disc_training:
             breakdown.update(self.discriminator_step(images, reconstructions.detach()))
         return breakdown
 
@@ -525,8 +531,8 @@ class Trainer:
         for callback in self.step_callbacks:
             callback(self)
         self.vae_player.advance_schedule()
-        if self.disc_player is not None and self.progress.global_step > self.config.loss.disc_start_step:
-            self.disc_player.advance_schedule()  # only for the steps it played
+        if self.disc_player is not None and self.progress.global_step > self.config.loss.disc_train_start_step:
+            self.disc_player.advance_schedule()  # only for the steps it trained
         bar.update(1)
         train = self.config.train
         if self.progress.global_step % train.log_every_steps == 0 or self.progress.global_step == self.total_steps:
