@@ -71,3 +71,136 @@ def test_the_discriminators_schedule_starts_with_its_warm_up(image_folder, tmp_p
     trainer = build(image_folder, tmp_path, **overrides)
     trainer.train()
     assert rates == pytest.approx([0.0, 1e-3, 2e-3])  # steps 2-4: its own warm-up from its first update
+
+
+# ------------------------------------------------------------------------------------------------------
+# with every option off, the step is today's
+
+
+def test_with_every_new_option_off_the_step_is_todays(image_folder, tmp_path):
+    """No transform drawn, no noise: the training view decodes exactly the posterior's sample, with the same
+    random numbers, as AutoencoderKL's own encode/decode do."""
+    from vae_hf.models.latents import PLAIN
+
+    trainer = build(image_folder, tmp_path)
+    images = first_images(trainer)
+    assert trainer.batch_transform(images) == PLAIN
+    output = trainer.vae_player.wrapped(images, generator=trainer._noise_generator())
+    posterior = trainer.vae.encode(images).latent_dist
+    reconstructions = trainer.vae.decode(posterior.sample(trainer._noise_generator())).sample
+    assert torch.equal(output.reconstructions, reconstructions)
+    assert output.targets is images
+    _, breakdown = trainer.generator_loss(images, output.reconstructions, output.posterior, disc_active=True)
+    assert set(breakdown) == {"rec", "kl", "perceptual", "g_adv", "disc_weight", "g_loss"}
+
+
+# ------------------------------------------------------------------------------------------------------
+# latent noise for the decoder (RAE's noise_tau)
+
+
+def test_latent_noise_is_sigma_times_each_latents_std_times_eps():
+    from vae_hf.models.latents import add_latent_noise
+
+    latents = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 4.0]]]])  # (2, 1, 1, 2): stds sqrt(2) and sqrt(8)
+    sigmas = torch.tensor([0.5, 0.25])
+    noise = torch.tensor([[[[1.0, -1.0]]], [[[2.0, 0.0]]]])
+    expected = torch.tensor([[[[1 + 0.5 * 2**0.5, 3 - 0.5 * 2**0.5]]], [[[0.25 * 8**0.5 * 2, 4.0]]]])
+    torch.testing.assert_close(add_latent_noise(latents, sigmas, noise), expected)
+
+
+def test_the_decoder_sees_noisy_latents_drawn_per_sample_within_tau(image_folder, tmp_path):
+    from vae_hf.models.latents import add_latent_noise
+
+    trainer = build(image_folder, tmp_path, **{"model.decoder_noise_tau": 0.8})
+    images = first_images(trainer)
+    decoded = []
+    trainer.vae.decoder.register_forward_pre_hook(lambda _, args: decoded.append(args[0]))
+    output = trainer.vae_player.wrapped(images, generator=trainer._noise_generator())
+    # the posterior's noise first, then sigma ~ U(0, tau) per sample and eps, from the same seeded generator
+    generator = trainer._noise_generator()
+    latents = output.posterior.sample(generator)
+    sigmas = 0.8 * torch.rand(images.shape[0], generator=generator)
+    noisy = add_latent_noise(latents, sigmas, torch.randn(latents.shape, generator=generator))
+    assert torch.equal(output.latents, latents) and not torch.equal(noisy, latents)
+    torch.testing.assert_close(decoded[0], trainer.vae.post_quant_conv(noisy), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# equivariance regularisation (EQ-VAE)
+
+
+def pointwise_vae_loss(images: torch.Tensor, transform, image_turns: int | None = None) -> torch.Tensor:
+    """A VAE equivariant by construction: encoder and decoder are inverse 1x1 convolutions (downsampling 1).
+    `image_turns` turns the target otherwise than the latent (a broken transform, as a control)."""
+    from vae_hf.models.latents import BatchTransform
+
+    mixing = torch.tensor([[2.0, 0.5, 0.0], [0.0, 1.0, -1.0], [0.3, 0.0, 1.5]], dtype=torch.float64)
+    latents = torch.einsum("oc,nchw->nohw", mixing, images)
+    decoded = torch.einsum("oc,nchw->nohw", torch.linalg.inv(mixing), transform.apply(latents))
+    target_transform = transform if image_turns is None else BatchTransform(transform.kind, transform.size, image_turns)
+    return torch.nn.functional.mse_loss(decoded, target_transform.apply(images, factor=1))
+
+
+@pytest.mark.parametrize(("size", "turns"), [((5, 5), 0), (None, 1), ((6, 6), 3), ((3, 3), 2)])
+def test_a_pointwise_vae_gets_no_extra_loss_from_equivariance(size, turns):
+    from vae_hf.models.latents import EQUIVARIANCE, BatchTransform
+
+    images = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    transform = BatchTransform(EQUIVARIANCE, size, turns)
+    assert pointwise_vae_loss(images, transform) < 1e-20
+    if turns:  # control: the image turned the other way is not the latent's transform
+        assert pointwise_vae_loss(images, transform, image_turns=(turns + 1) % 4) > 1e-2
+
+
+def test_the_image_transform_is_the_latent_transform_at_the_vaes_scale():
+    from vae_hf.models.latents import EQUIVARIANCE, BatchTransform
+
+    transform = BatchTransform(EQUIVARIANCE, (5, 6), 1)
+    assert transform.apply(torch.zeros(1, 4, 8, 10)).shape == (1, 4, 6, 5)
+    assert transform.apply(torch.zeros(1, 3, 64, 80), factor=8).shape == (1, 3, 48, 40)
+    constant = torch.full((1, 3, 64, 80), 0.25)
+    torch.testing.assert_close(transform.apply(constant, factor=8), torch.full((1, 3, 48, 40), 0.25))
+
+
+def test_equivariance_batches_are_drawn_as_eq_vae_draws_them():
+    import random
+
+    from vae_hf.models.latents import EQUIVARIANCE, LOW_RESOLUTION, PLAIN, draw_batch_transform
+
+    rng = random.Random(0)
+    draws = [draw_batch_transform(rng, (32, 32), 0.5, 0.25, 0.25, True) for _ in range(4000)]
+    kinds = [draw.kind for draw in draws]
+    assert kinds.count(EQUIVARIANCE) / 4000 == pytest.approx(0.5, abs=0.03)
+    assert kinds.count(LOW_RESOLUTION) / 4000 == pytest.approx(0.5 * 0.25, abs=0.03)
+    equivariance = [draw for draw in draws if draw.kind == EQUIVARIANCE]
+    assert {draw.size[0] for draw in equivariance} == set(range(8, 32))  # EQ-VAE's scales 8/32 .. 31/32
+    assert {draw.quarter_turns for draw in equivariance} == {1, 2, 3}
+    assert all(draw.size[0] == draw.size[1] for draw in equivariance)
+    # off: plain, and nothing drawn
+    state = rng.getstate()
+    assert draw_batch_transform(rng, (32, 32), 0.0, 0.0, 0.25, True) == PLAIN
+    assert rng.getstate() == state
+
+
+def test_an_equivariance_batch_trains_every_loss_on_the_transformed_images(image_folder, tmp_path):
+    overrides = {"loss.eq_probability": 1, "loss.eq_scale_min": 0.5, "loss.disc_start_step": 0}
+    trainer = build(image_folder, tmp_path, **overrides)
+    images = first_images(trainer)
+    transform = trainer.batch_transform(images)
+    assert transform.kind == "equivariance" and transform.size[0] < 16
+    seen = []
+    trainer.discriminator.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[-2:]))
+    breakdown = trainer.training_step(images)
+    expected = transform.apply(images, factor=2)
+    assert seen == [expected.shape[-2:]] * 3  # frozen in the VAE's loss, then real and fake in its own step
+    output = trainer.vae_player.wrapped(images, transform=transform)
+    assert torch.equal(output.targets, expected)
+    assert breakdown["g_adv"] != 0
+
+
+def test_downscaled_batches_too_small_for_lpips_are_refused_at_start():
+    from vae_hf.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^loss.eq_scale_min: .* raise loss.eq_scale_min to 0.0625$"):
+        load_config(None, ["loss.eq_probability=0.5", "loss.eq_scale_min=0.01", "data.resolution=256"])
+    load_config(None, ["loss.eq_probability=0.5", "loss.eq_scale_min=0.0625", "data.resolution=256"])

@@ -78,6 +78,10 @@ class ModelConfig:
     """Freeze encoder and quant_conv so existing latents stay valid (SD ft-MSE/ft-EMA style)."""
     sample_posterior: bool = True
     """Decode a sample of the posterior (reparameterisation, LDM); false decodes its mean."""
+    decoder_noise_tau: float = 0.0
+    """Latent noise for the decoder: in training it decodes z + sigma x std(z) x eps, sigma drawn per sample from
+    U(0, tau), so that it learns to decode the imperfect latents a diffusion model samples (RAE, arXiv 2510.11690:
+    noise_tau 0.8; l-DeTok, arXiv 2507.15856). 0: off."""
     scaling_factor: Optional[float] = None
     """The scaling_factor written into every export's config.json. null: measured (1 / latent std) at every export
     of a VAE whose encoder trains; a decoder-only fine-tune keeps the starting model's (or, when resumed, the one in
@@ -93,6 +97,11 @@ class ModelConfig:
         _require(self.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
         _require(self.latent_channels >= 1, "model.latent_channels", "must be >= 1")
         _require(self.norm_num_groups >= 1, "model.norm_num_groups", "must be >= 1")
+        _require(
+            math.isfinite(self.decoder_noise_tau) and self.decoder_noise_tau >= 0,
+            "model.decoder_noise_tau",
+            f"must be finite and >= 0, got {self.decoder_noise_tau}",
+        )
         if self.scaling_factor is not None:
             _require(
                 math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
@@ -229,6 +238,19 @@ class LossConfig:
     """Strided layers of the PatchGAN discriminator."""
     disc_norm: str = "batch"
     """Normalisation in the discriminator: batch or none."""
+    eq_probability: float = 0.0
+    """Equivariance regularisation (EQ-VAE, arXiv 2502.09509; its p_prior, 0.5): the probability that a batch
+    decodes a transformed latent T(z), a bilinear downscale and a turn by 90, 180 or 270 degrees, and is compared
+    with the image transformed alike, T(x), by every loss of the recipe (the discriminator sees T(x) too). 0: off."""
+    eq_low_res_probability: float = 0.0
+    """Of the other batches, the fraction that reconstructs a downscaled image (EQ-VAE's p_prior_s, 0.25): keeps
+    low resolutions well reconstructed. 0: off."""
+    eq_scale_min: float = 0.25
+    """Smallest downscale: the latent side is drawn uniformly from ceil(eq_scale_min x h) to h - 1 positions (EQ-VAE:
+    8 to 31 of 32, scales in [0.25, 1)); 1 leaves the size alone (rotation only)."""
+    eq_rotate: bool = True
+    """Turn equivariance batches by 90, 180 or 270 degrees as EQ-VAE does; false: scale equivariance only
+    (Skorokhodov et al., arXiv 2502.14831)."""
 
     def __post_init__(self) -> None:
         _require_choice(self.reconstruction, "loss.reconstruction")
@@ -250,6 +272,15 @@ class LossConfig:
         _require(self.adaptive_weight_max > 0, "loss.adaptive_weight_max", "must be > 0")
         _require(self.disc_channels > 0, "loss.disc_channels", "must be > 0")
         _require(self.disc_num_layers >= 1, "loss.disc_num_layers", "must be >= 1")
+        for key in ("eq_probability", "eq_low_res_probability"):
+            value = getattr(self, key)
+            _require(0 <= value <= 1, f"loss.{key}", f"is a probability, in [0, 1], got {value}")
+        _require(0 < self.eq_scale_min <= 1, "loss.eq_scale_min", f"must be in (0, 1], got {self.eq_scale_min}")
+        _require(
+            not (self.eq_probability > 0 and self.eq_scale_min == 1 and not self.eq_rotate),
+            "loss.eq_probability",
+            "with loss.eq_scale_min=1 and loss.eq_rotate=false no transform is left; lower eq_scale_min or rotate",
+        )
 
     @property
     def uses_discriminator(self) -> bool:
@@ -463,6 +494,7 @@ class Config:
             "train.eval_every_steps",
             "needs held-out images: set data.validation_fraction (e.g. 0.01) or data.validation_split",
         )
+        self._require_room_to_downscale()
         if self.model.pretrained is not None:
             defaults = ModelConfig()
             for key in ARCHITECTURE_KEYS:
@@ -472,6 +504,23 @@ class Config:
                     f"has no effect with model.pretrained={self.model.pretrained} (the architecture is the "
                     "pretrained VAE's); remove it",
                 )
+
+    def _require_room_to_downscale(self) -> None:
+        """Downscaled batches (EQ-VAE) must still fit LPIPS's VGG (16 px: four poolings) and the PatchGAN (two
+        logits across after its strided layers)."""
+        loss = self.loss
+        if loss.eq_probability == 0 and loss.eq_low_res_probability == 0 or loss.eq_scale_min == 1:
+            return
+        smallest = math.ceil(loss.eq_scale_min * self.data.resolution)
+        needed = max(
+            16 if loss.perceptual_weight > 0 else 1, 2 ** (loss.disc_num_layers + 1) if loss.disc_weight > 0 else 1
+        )
+        _require(
+            smallest >= needed,
+            "loss.eq_scale_min",
+            f"downscales data.resolution={self.data.resolution} to {smallest} px, but LPIPS and the discriminator need "
+            f">= {needed} px; raise loss.eq_scale_min to {needed / self.data.resolution:g}",
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -12,6 +12,7 @@ three compute the same thing.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -27,6 +28,7 @@ from vae_hf.losses import (
     kl_loss,
     reconstruction_loss,
 )
+from vae_hf.models.latents import BatchTransform, draw_batch_transform
 from vae_hf.models.perceptual import perceptual_loss
 
 # train.mixed_precision -> the forward's autocast dtype ("no" runs in full precision)
@@ -123,6 +125,13 @@ class Game:
         if logvar is not None:
             breakdown["logvar"] = logvar
         return g_loss, {name: value.detach() for name, value in breakdown.items()}
+
+    def draw_transform(self, rng: random.Random, latent_size: tuple[int, int]) -> BatchTransform:
+        """One batch's spatial transform (`loss.eq_*`; plain when they are off, drawing nothing)."""
+        loss = self.loss
+        return draw_batch_transform(
+            rng, latent_size, loss.eq_probability, loss.eq_low_res_probability, loss.eq_scale_min, loss.eq_rotate
+        )
 
     def nll(self, per_pixel_mean: torch.Tensor, images: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
         """The reconstruction side of the loss from its per-pixel mean: as it is (`reconstruction_reduction:

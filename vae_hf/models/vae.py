@@ -19,6 +19,7 @@ from torch import nn
 from vae_hf.config import ModelConfig
 from vae_hf.errors import UserError
 from vae_hf.io.single_file import load_single_file
+from vae_hf.models.latents import LOW_RESOLUTION, PLAIN, BatchTransform, noisy_latents
 from vae_hf.offline import OfflineError, hub_offline_mode, is_local_path, require_cached_model, require_hub
 
 
@@ -105,6 +106,8 @@ def encoder_fingerprint(vae: AutoencoderKL) -> str:
 class VAEOutput(NamedTuple):
     reconstructions: torch.Tensor
     posterior: DiagonalGaussianDistribution
+    targets: torch.Tensor  # what the reconstructions are compared with: the images, or their transform
+    latents: torch.Tensor  # the posterior's sample (or mean), before any transform or noise
 
 
 class VAETrainingModule(nn.Module):
@@ -115,18 +118,37 @@ class VAETrainingModule(nn.Module):
     `forward` lets the trainer call the prepared (DDP) module and still see the posterior for the KL.
     """
 
-    def __init__(self, vae: AutoencoderKL, sample_posterior: bool = True, learn_logvar: bool = False):
+    def __init__(
+        self, vae: AutoencoderKL, sample_posterior: bool = True, learn_logvar: bool = False, noise_tau: float = 0.0
+    ):
         super().__init__()
         self.vae = vae
         self.sample_posterior = sample_posterior
+        self.noise_tau = noise_tau
         # LDM's learnable log-variance of the reconstruction (`loss.learn_logvar`): trained and checkpointed with
         # the VAE, not part of the exported AutoencoderKL
         self.logvar = nn.Parameter(torch.zeros(())) if learn_logvar else None
         self.encoder_frozen = not any(p.requires_grad for p in vae.encoder.parameters())
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, transform: BatchTransform = PLAIN
+    ) -> VAEOutput:
+        """`transform` is this batch's spatial transform (`vae_hf.models.latents`); the posterior noise, then
+        the decoder's latent noise, are drawn from `generator` in that order."""
+        factor = self.downsample_factor
+        if transform.kind == LOW_RESOLUTION:
+            images = transform.apply(images, factor)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
             posterior = self.vae.encode(images).latent_dist
         latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
-        reconstructions = self.vae.decode(latents).sample
-        return VAEOutput(reconstructions, posterior)
+        decoded, targets = latents, images
+        if transform.kind is not None and transform.kind != LOW_RESOLUTION:
+            decoded, targets = transform.apply(latents), transform.apply(images, factor)
+        if self.noise_tau > 0:
+            decoded = noisy_latents(decoded, self.noise_tau, generator)
+        reconstructions = self.vae.decode(decoded).sample
+        return VAEOutput(reconstructions, posterior, targets, latents)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)

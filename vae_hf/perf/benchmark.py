@@ -242,7 +242,7 @@ def _time_interleaved(trainer: Trainer, warmup: int, disc_on: bool) -> tuple[dic
 def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
     """The unavoidable work of one optimizer step (its accumulated micro-batches), on fresh fused Adam
     optimizers over the trainer's models."""
-    vae, disc = trainer.vae, trainer.discriminator if disc_on else None
+    vae, disc = trainer.vae_player.module, trainer.discriminator if disc_on else None  # with its latent noise
     fused = {"fused": True} if images.device.type in ("cuda", "cpu") else {}
     opt_g = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-9, **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-9, **fused) if disc is not None else None

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from vae_hf.data import loader as batching
 from vae_hf.game import Game, autocast
 from vae_hf.io.hub import require_push_access
 from vae_hf.models.discriminator import PatchDiscriminator
+from vae_hf.models.latents import BatchTransform
 from vae_hf.models.perceptual import VGG_WEIGHTS, build_lpips, require_vgg_weights, resolve_pretrained
 from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
@@ -48,6 +50,8 @@ from vae_hf.train.signals import StopRequest
 from vae_hf.train.validation import Validator
 
 logger = logging.getLogger(__name__)
+
+TRANSFORM_STREAM = 1  # mixed into the seed of the batch transforms: a stream apart from the posterior noise's
 
 
 def require_supported_distribution(accelerator: Accelerator, config: Config) -> dict | None:
@@ -219,7 +223,9 @@ class Trainer:
         # What a decoder-only fine-tune must never change: checked again at every export.
         self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
         self.vae_player = self._player(
-            VAETrainingModule(vae, config.model.sample_posterior, config.loss.learn_logvar),
+            VAETrainingModule(
+                vae, config.model.sample_posterior, config.loss.learn_logvar, config.model.decoder_noise_tau
+            ),
             config.optim.lr,
             self.total_steps,
         )
@@ -327,9 +333,11 @@ class Trainer:
     def training_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Generator update, then discriminator update; returns the detached loss breakdown."""
         disc_active, disc_training = self.disc_active, self.disc_training
+        transform = self.batch_transform(images)
         with self.autocast():
-            reconstructions, posterior = self.vae_player.wrapped(images, generator=self._noise_generator())
-            g_loss, breakdown = self.generator_loss(images, reconstructions, posterior, disc_active)
+            output = self.vae_player.wrapped(images, generator=self._noise_generator(), transform=transform)
+            reconstructions, images = output.reconstructions, output.targets  # the images, or their transform
+            g_loss, breakdown = self.generator_loss(images, reconstructions, output.posterior, disc_active)
         self.vae_player.backward(self.accelerator, g_loss)
         if self.accelerator.sync_gradients:
             updated, breakdown["grad_norm"] = self.vae_player.step(self.accelerator)
@@ -339,6 +347,15 @@ class Trainer:
         if disc_training:
             breakdown.update(self.discriminator_step(images, reconstructions.detach()))
         return breakdown
+
+    def batch_transform(self, images: torch.Tensor) -> BatchTransform:
+        """This micro-batch's spatial transform (EQ-VAE), drawn on the host from (seed, micro-batch, process) like
+        the posterior noise, so a resumed run draws what it would have."""
+        seed = image_datasets.sample_seed(
+            self.config.seed, self.progress.micro_step, self.accelerator.process_index, TRANSFORM_STREAM
+        )
+        factor = self.vae_player.module.downsample_factor
+        return self.game.draw_transform(random.Random(seed), (images.shape[-2] // factor, images.shape[-1] // factor))
 
     def _noise_generator(self) -> torch.Generator:
         """Posterior noise from (seed, micro-batch, process), so a resumed run draws what it would have."""
