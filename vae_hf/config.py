@@ -57,7 +57,14 @@ def _require_choice(value: str, key: str) -> None:
 
 
 # What a fresh VAE is built from; a pretrained VAE brings its own.
-ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+ARCHITECTURE_KEYS = (
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "use_quant_conv",
+    "use_post_quant_conv",
+)
 
 
 @dataclass
@@ -74,6 +81,10 @@ class ModelConfig:
     """Channels of the latent grid (SD: 4)."""
     norm_num_groups: int = 32
     """GroupNorm groups; every block width must be divisible by it."""
+    use_quant_conv: bool = True
+    """The 1x1 convolution between the encoder and the posterior (SD: yes; FLUX.1's VAE: no)."""
+    use_post_quant_conv: bool = True
+    """The 1x1 convolution between the latent and the decoder (SD: yes; FLUX.1's VAE: no)."""
     train_decoder_only: bool = False
     """Freeze encoder and quant_conv so existing latents stay valid (SD ft-MSE/ft-EMA style)."""
     sample_posterior: bool = True

@@ -43,6 +43,8 @@ def build_vae(config: ModelConfig, resolution: int) -> AutoencoderKL:
             latent_channels=config.latent_channels,
             norm_num_groups=config.norm_num_groups,
             sample_size=resolution,
+            use_quant_conv=config.use_quant_conv,
+            use_post_quant_conv=config.use_post_quant_conv,
         )
     if config.train_decoder_only:
         freeze_encoder(vae)
