@@ -204,3 +204,110 @@ def test_downscaled_batches_too_small_for_lpips_are_refused_at_start():
     with pytest.raises(ConfigError, match=r"^loss.eq_scale_min: .* raise loss.eq_scale_min to 0.0625$"):
         load_config(None, ["loss.eq_probability=0.5", "loss.eq_scale_min=0.01", "data.resolution=256"])
     load_config(None, ["loss.eq_probability=0.5", "loss.eq_scale_min=0.0625", "data.resolution=256"])
+
+
+# ------------------------------------------------------------------------------------------------------
+# vision-foundation alignment (VA-VAE's VF loss)
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path) -> str:
+    """A 2-layer DINOv2 with random weights, saved as a local transformers folder (patch 4: a 4 x 4 grid at 16 px)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=16
+    )
+    folder = tmp_path / "backbone"
+    Dinov2Model(config).save_pretrained(folder)
+    return str(folder)
+
+
+def vf_overrides(backbone: str, **extra) -> dict:
+    return {"loss.vf_weight": 0.1, "loss.vf_backbone": backbone, "loss.vf_image_size": 16, **extra}
+
+
+def test_vf_loss_is_the_marginal_cosine_plus_the_marginal_distance_matrix_term():
+    from vae_hf.losses import vf_loss
+
+    # two positions (1 x 2 grid), width 2: P(z) = (1, 0), (0, 1); f = (1, 0), (1, 0)
+    projected = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    features = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])
+    # cos = (1, 0): mean(relu(0.5 - 1), relu(0.5 - 0)) = 0.25
+    # similarities [[1, 0], [0, 1]] against [[1, 1], [1, 1]]: mean(relu(|diff| - 0.25)) = (0.75 + 0.75) / 4
+    torch.testing.assert_close(vf_loss(projected, features, 0.5, 0.25), torch.tensor(0.25 + 0.375))
+    torch.testing.assert_close(vf_loss(projected, features, 0.0, 0.0), torch.tensor(0.5 + 0.5))
+    # P(z) on a finer grid is resized to the features' grid first
+    torch.testing.assert_close(vf_loss(projected.repeat_interleave(2, dim=-1), features), torch.tensor(0.625))
+
+
+def test_the_vf_loss_reaches_only_the_encoder_and_the_projection(image_folder, tmp_path, tiny_backbone):
+    overrides = {"loss.reconstruction_weight": 0, "loss.kl_weight": 0, "loss.disc_weight": 0}
+    trainer = build(image_folder, tmp_path, **overrides, **vf_overrides(tiny_backbone, **{"loss.vf_weight": 1}))
+    trainer.config.loss.vf_adaptive_weight = False  # the VF term alone (the adaptive weight's nll is 0 here)
+    images = first_images(trainer)
+    output = trainer.vae_player.wrapped(images)
+    g_loss, breakdown = trainer.generator_loss(
+        images, output.reconstructions, output.posterior, disc_active=False, alignment=trainer.alignment(output)
+    )
+    assert breakdown["vf"] > 0 and g_loss.item() == pytest.approx(breakdown["vf"].item())
+    g_loss.backward()
+    module = trainer.vae_player.module
+    assert module.vf_projection.weight.grad.abs().sum() > 0
+    assert module.vae.encoder.conv_out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in module.vae.decoder.parameters())
+    assert all(p.grad is None for p in trainer.vf_backbone.parameters())
+
+
+def test_the_vf_weight_is_adaptive_on_the_encoders_last_layer(image_folder, tmp_path, tiny_backbone, monkeypatch):
+    import vae_hf.game as game_module
+
+    layers = []
+    real = game_module.adaptive_disc_weight
+    monkeypatch.setattr(game_module, "adaptive_disc_weight", lambda *a, **k: layers.append(a[2]) or real(*a, **k))
+    trainer = build(image_folder, tmp_path, **{"loss.disc_weight": 0}, **vf_overrides(tiny_backbone))
+    images = first_images(trainer)
+    breakdown = trainer.training_step(images)
+    assert layers == [trainer.vae.encoder.conv_out.weight]
+    assert breakdown["vf_weight"] != 0.1 and breakdown["vf_weight"] > 0
+
+
+def test_the_vf_projection_is_checkpointed_and_not_exported(image_folder, tmp_path, tiny_backbone):
+    from safetensors import safe_open
+
+    overrides = {"loss.disc_weight": 0, **vf_overrides(tiny_backbone)}
+    trainer = build(image_folder, tmp_path, **overrides)
+    trainer.train()
+    projection = trainer.vae_player.module.vf_projection.weight.detach().clone()
+    with safe_open(tmp_path / "run" / "vae" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        assert not [name for name in weights.keys() if "vf_projection" in name]
+    resumed = build(image_folder, tmp_path, **overrides, **{"train.resume_from": "latest", "train.max_steps": 3})
+    assert torch.equal(resumed.vae_player.module.vf_projection.weight, projection)
+    assert any(p is resumed.vae_player.module.vf_projection.weight for p in resumed.vae_player.parameters)
+
+
+def test_the_benchmark_floor_computes_the_vf_loss_the_trainer_does(image_folder, tmp_path, tiny_backbone):
+    import contextlib
+    import copy
+
+    from vae_hf.perf.floor import floor_step
+
+    overrides = {"loss.disc_weight": 0, "model.sample_posterior": "false", **vf_overrides(tiny_backbone)}
+    trainer = build(image_folder, tmp_path, **overrides)
+    images = first_images(trainer)
+    module = copy.deepcopy(trainer.vae_player.module)
+    breakdown = trainer.training_step(images)
+    floor, _ = floor_step(module, trainer.game, None, None, None, images, contextlib.nullcontext, update=False)
+    for name in ("rec", "vf", "vf_weight", "g_loss"):
+        torch.testing.assert_close(floor[name], breakdown[name], rtol=1e-5, atol=0, msg=name)
+
+
+def test_an_offline_hub_backbone_fails_at_once_in_one_line(image_folder, tmp_path):
+    from vae_hf.offline import OfflineError
+
+    with pytest.raises(OfflineError) as error:
+        build(image_folder, tmp_path, **vf_overrides("some-owner/not-cached-backbone"))
+    message = str(error.value)
+    assert message.startswith("loss.vf_backbone=some-owner/not-cached-backbone: ") and "\n" not in message
+    assert not (tmp_path / "run" / "checkpoints").exists()  # before any model or data was built

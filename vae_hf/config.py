@@ -262,6 +262,22 @@ class LossConfig:
     eq_rotate: bool = True
     """Turn equivariance batches by 90, 180 or 270 degrees as EQ-VAE does; false: scale equivariance only
     (Skorokhodov et al., arXiv 2502.14831)."""
+    vf_weight: float = 0.0
+    """Vision-foundation alignment (VA-VAE's VF loss, arXiv 2501.01423): weight of the loss aligning a learned 1x1
+    projection of the latent with a frozen backbone's patch features (VA-VAE: 0.1; 0.5 in its first stage). 0: off."""
+    vf_backbone: str = "facebook/dinov2-large"
+    """The frozen backbone: a transformers vision model's Hub id or local folder (VA-VAE: DINOv2 ViT-L/14)."""
+    vf_image_size: int = 224
+    """Side the images are resized to for the backbone, a multiple of its patch size (224 with patch 14: a 16 x 16
+    feature grid, the latent grid of an f16 VAE at 256 px)."""
+    vf_cos_margin: float = 0.5
+    """m1 of the marginal cosine term: positions whose cosine similarity exceeds 1 - m1 cost nothing (VA-VAE: 0.5)."""
+    vf_distmat_margin: float = 0.25
+    """m2 of the marginal distance-matrix term: pairwise similarities within m2 of the features' cost nothing
+    (VA-VAE: 0.25)."""
+    vf_adaptive_weight: bool = True
+    """Scale vf_weight by ||grad rec|| / ||grad vf|| on the encoder's last layer, as VA-VAE does; false: vf_weight
+    alone."""
 
     def __post_init__(self) -> None:
         _require_choice(self.reconstruction, "loss.reconstruction")
@@ -286,6 +302,15 @@ class LossConfig:
         for key in ("eq_probability", "eq_low_res_probability"):
             value = getattr(self, key)
             _require(0 <= value <= 1, f"loss.{key}", f"is a probability, in [0, 1], got {value}")
+        _require(
+            math.isfinite(self.vf_weight) and self.vf_weight >= 0,
+            "loss.vf_weight",
+            f"must be finite and >= 0, got {self.vf_weight}",
+        )
+        _require(self.vf_image_size > 0, "loss.vf_image_size", f"must be positive, got {self.vf_image_size}")
+        for key in ("vf_cos_margin", "vf_distmat_margin"):
+            value = getattr(self, key)
+            _require(0 <= value < 2, f"loss.{key}", f"must be in [0, 2) (a cosine margin), got {value}")
         _require(0 < self.eq_scale_min <= 1, "loss.eq_scale_min", f"must be in (0, 1], got {self.eq_scale_min}")
         _require(
             not (self.eq_probability > 0 and self.eq_scale_min == 1 and not self.eq_rotate),
@@ -506,6 +531,17 @@ class Config:
             "needs held-out images: set data.validation_fraction (e.g. 0.01) or data.validation_split",
         )
         self._require_room_to_downscale()
+        if loss.vf_weight > 0:
+            _require(
+                not self.model.train_decoder_only,
+                "loss.vf_weight",
+                "aligns the latents, but model.train_decoder_only freezes the encoder that makes them; choose one",
+            )
+            _require(
+                importlib.util.find_spec("transformers") is not None,
+                "loss.vf_weight",
+                "the backbone needs transformers (pip install 'vae-hf[vision]')",
+            )
         if self.model.pretrained is not None:
             defaults = ModelConfig()
             for key in ARCHITECTURE_KEYS:

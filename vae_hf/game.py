@@ -15,6 +15,7 @@ import contextlib
 import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from vae_hf.losses import (
     generator_adversarial_loss,
     kl_loss,
     reconstruction_loss,
+    vf_loss,
 )
 from vae_hf.models.latents import BatchTransform, draw_batch_transform
 from vae_hf.models.perceptual import perceptual_loss
@@ -68,12 +70,23 @@ def no_side_effects(_output: torch.Tensor) -> AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class Game:
-    """The losses of both players for one recipe (`loss.*`) and a frozen LPIPS network (or None)."""
+class Alignment(NamedTuple):
+    """What VA-VAE's VF loss needs from a forward: the projected latents, the images they encode, and the encoder
+    weight its adaptive weight is measured on."""
 
-    def __init__(self, loss: LossConfig, lpips: nn.Module | None):
+    projected: torch.Tensor
+    inputs: torch.Tensor
+    last_layer: torch.Tensor | None
+
+
+class Game:
+    """The losses of both players for one recipe (`loss.*`), a frozen LPIPS network (or None) and the frozen vision
+    backbone of the VF loss (or None)."""
+
+    def __init__(self, loss: LossConfig, lpips: nn.Module | None, backbone: nn.Module | None = None):
         self.loss = loss
         self.lpips = lpips
+        self.backbone = backbone
 
     def generator_loss(
         self,
@@ -85,6 +98,7 @@ class Game:
         side_gradients: Callable[[torch.Tensor], AbstractContextManager] = no_side_effects,
         loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logvar: torch.Tensor | None = None,
+        alignment: Alignment | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss and its detached breakdown.
 
@@ -92,7 +106,8 @@ class Game:
         `last_layer` is the decoder weight the adaptive weight measures gradients on; `side_gradients`
         wraps that measurement for a launch setup that hooks the reconstructions (DeepSpeed); `loss_scale` is
         fp16's gradient scaling, applied to that measurement so that its gradients do not underflow. `logvar` is
-        the learnable log-variance of `loss.learn_logvar` (None without it).
+        the learnable log-variance of `loss.learn_logvar` (None without it); `alignment` what the VF loss needs
+        (None without it).
         """
         loss = self.loss
         zero = images.new_zeros((), dtype=torch.float32)
@@ -103,6 +118,11 @@ class Game:
             perceptual = at_least_fp32(perceptual_loss(self.lpips, reconstructions, images))
         nll = self.nll(loss.reconstruction_weight * rec + loss.perceptual_weight * perceptual, images, logvar)
         g_loss = nll + loss.kl_weight * kl
+        alignment_terms = {}
+        if alignment is not None:
+            vf, vf_weight = self.alignment_loss(alignment, nll, loss_scale)
+            g_loss = g_loss + vf_weight * vf
+            alignment_terms = {"vf": vf, "vf_weight": vf_weight}
         g_adv, disc_weight = zero, zero
         if discriminator is not None:
             with frozen(discriminator):
@@ -121,10 +141,26 @@ class Game:
             "g_adv": g_adv,
             "disc_weight": disc_weight,
             "g_loss": g_loss,
+            **alignment_terms,
         }
         if logvar is not None:
             breakdown["logvar"] = logvar
         return g_loss, {name: value.detach() for name, value in breakdown.items()}
+
+    def alignment_loss(
+        self, alignment: Alignment, nll: torch.Tensor, loss_scale: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VA-VAE's VF loss and its weight: `loss.vf_weight`, times (`loss.vf_adaptive_weight`) the ratio of the
+        reconstruction's and the VF loss's gradient norms on the encoder's last layer, as the adversarial weight is
+        measured on the decoder's (VA-VAE, section 3.2). The backbone's features carry no graph: the loss reaches
+        only the encoder and the projection."""
+        loss = self.loss
+        features = self.backbone(alignment.inputs)
+        vf = vf_loss(alignment.projected, features, loss.vf_cos_margin, loss.vf_distmat_margin)
+        weight = vf.new_tensor(loss.vf_weight)
+        if loss.vf_adaptive_weight:
+            weight = weight * adaptive_disc_weight(nll, vf, alignment.last_layer, loss.adaptive_weight_max, loss_scale)
+        return vf, weight
 
     def draw_transform(self, rng: random.Random, latent_size: tuple[int, int]) -> BatchTransform:
         """One batch's spatial transform (`loss.eq_*`; plain when they are off, drawing nothing)."""

@@ -94,6 +94,11 @@ def decoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
     return vae.decoder.conv_out.weight
 
 
+def encoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
+    """The weight VA-VAE's adaptive VF weight is measured on."""
+    return vae.encoder.conv_out.weight
+
+
 def encoder_fingerprint(vae: AutoencoderKL) -> str:
     """SHA-256 of the encoder's and quant_conv's weights: the part that maps images to latents."""
     digest = hashlib.sha256()
@@ -110,6 +115,8 @@ class VAEOutput(NamedTuple):
     posterior: DiagonalGaussianDistribution
     targets: torch.Tensor  # what the reconstructions are compared with: the images, or their transform
     latents: torch.Tensor  # the posterior's sample (or mean), before any transform or noise
+    inputs: torch.Tensor  # the images encoded (downscaled in a low-resolution batch)
+    projected: torch.Tensor | None  # the latents through the VF projection (loss.vf_weight), else None
 
 
 class VAETrainingModule(nn.Module):
@@ -121,12 +128,22 @@ class VAETrainingModule(nn.Module):
     """
 
     def __init__(
-        self, vae: AutoencoderKL, sample_posterior: bool = True, learn_logvar: bool = False, noise_tau: float = 0.0
+        self,
+        vae: AutoencoderKL,
+        sample_posterior: bool = True,
+        learn_logvar: bool = False,
+        noise_tau: float = 0.0,
+        vf_features: int | None = None,
     ):
         super().__init__()
         self.vae = vae
         self.sample_posterior = sample_posterior
         self.noise_tau = noise_tau
+        # VA-VAE's projection of the latent to a backbone's feature width (`loss.vf_weight`): trained and checkpointed
+        # with the VAE, not part of the exported AutoencoderKL
+        self.vf_projection = (
+            nn.Conv2d(vae.config.latent_channels, vf_features, kernel_size=1) if vf_features is not None else None
+        )
         # LDM's learnable log-variance of the reconstruction (`loss.learn_logvar`): trained and checkpointed with
         # the VAE, not part of the exported AutoencoderKL
         self.logvar = nn.Parameter(torch.zeros(())) if learn_logvar else None
@@ -149,7 +166,8 @@ class VAETrainingModule(nn.Module):
         if self.noise_tau > 0:
             decoded = noisy_latents(decoded, self.noise_tau, generator)
         reconstructions = self.vae.decode(decoded).sample
-        return VAEOutput(reconstructions, posterior, targets, latents)
+        projected = self.vf_projection(latents) if self.vf_projection is not None else None
+        return VAEOutput(reconstructions, posterior, targets, latents, images, projected)
 
     @property
     def downsample_factor(self) -> int:

@@ -1,10 +1,11 @@
 """The floor: one training step's unavoidable work, without the trainer around it.
 
 VAE encode, posterior sample, the batch's latent transform and noise when the recipe has them, and decode; the
-generator's loss from the same `Game` the trainer plays (reconstruction, KL, LPIPS, the adversarial term through
-the frozen discriminator, the adaptive weight when the recipe has it); backward and the VAE's optimizer step; then
-the discriminator's loss on real and detached reconstructed images, its backward and optimizer step. The benchmark
-times it as the floor the trainer is compared with, and the memory estimate runs it on fake tensors.
+generator's loss from the same `Game` the trainer plays (reconstruction, KL, LPIPS, the VF loss through the frozen
+backbone, the adversarial term through the frozen discriminator, the adaptive weights when the recipe has them);
+backward and the VAE's optimizer step; then the discriminator's loss on real and detached reconstructed images,
+its backward and optimizer step. The benchmark times it as the floor the trainer is compared with, and the memory
+estimate runs it on fake tensors.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 from diffusers import AutoencoderKL
 from torch import nn
 
-from vae_hf.game import Game
+from vae_hf.game import Alignment, Game
 from vae_hf.models.latents import BatchTransform
-from vae_hf.models.vae import VAETrainingModule, decoder_last_layer
+from vae_hf.models.vae import VAETrainingModule, decoder_last_layer, encoder_last_layer
 
 
 def floor_step(
@@ -47,9 +48,14 @@ def floor_step(
         factor = model.downsample_factor
         transform = game.draw_transform(random.Random(), (images.shape[-2] // factor, images.shape[-1] // factor))
     with autocast():
-        reconstructions, posterior, targets, _ = model(images, generator=generator, transform=transform)
+        output = model(images, generator=generator, transform=transform)
+        reconstructions, targets = output.reconstructions, output.targets
+        alignment = None
+        if output.projected is not None:
+            alignment = Alignment(output.projected, output.inputs, encoder_last_layer(model.vae))
+        last_layer = decoder_last_layer(model.vae)
         g_loss, g_breakdown = game.generator_loss(
-            targets, reconstructions, posterior, discriminator, decoder_last_layer(model.vae)
+            targets, reconstructions, output.posterior, discriminator, last_layer, alignment=alignment
         )
     g_loss.backward()
     if update:

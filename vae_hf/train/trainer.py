@@ -29,12 +29,19 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
-from vae_hf.game import Game, autocast
+from vae_hf.game import Alignment, Game, autocast
 from vae_hf.io.hub import require_push_access
+from vae_hf.models.backbone import load_backbone, require_backbone
 from vae_hf.models.discriminator import PatchDiscriminator
 from vae_hf.models.latents import BatchTransform
 from vae_hf.models.perceptual import VGG_WEIGHTS, build_lpips, require_vgg_weights, resolve_pretrained
-from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
+from vae_hf.models.vae import (
+    VAETrainingModule,
+    build_vae,
+    decoder_last_layer,
+    encoder_fingerprint,
+    encoder_last_layer,
+)
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 from vae_hf.parallel.fsdp import ShardingUnits, gathered
 from vae_hf.train import run_folder
@@ -62,6 +69,8 @@ def require_supported_distribution(accelerator: Accelerator, config: Config) -> 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded and config.loss.learn_logvar:
         raise ConfigError("loss.learn_logvar: runs on one process or under DDP, not FSDP or DeepSpeed")
+    if sharded and config.loss.vf_weight > 0:
+        raise ConfigError("loss.vf_weight: runs on one process or under DDP, not FSDP or DeepSpeed")
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
     return engine_config(
@@ -81,6 +90,8 @@ class Trainer:
         self.perceptual_choice = self._decide_perceptual_trunk()
         if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
             require_vgg_weights()  # fail in a second, not after the data and models are built
+        if config.loss.vf_weight > 0:
+            require_backbone(config.loss.vf_backbone, "loss.vf_backbone")
         # TF32: 10-bit mantissa matmuls/convolutions, about 8x the fp32 rate on Ampere+; a global switch
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.train.allow_tf32
@@ -211,7 +222,12 @@ class Trainer:
             if config.loss.perceptual_weight > 0
             else None
         )
-        self.game = Game(config.loss, self.lpips)
+        self.vf_backbone = (
+            load_backbone(config.loss.vf_backbone, config.loss.vf_image_size).to(accelerator.device)
+            if config.loss.vf_weight > 0
+            else None
+        )
+        self.game = Game(config.loss, self.lpips, self.vf_backbone)
         if config.train.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
         self.memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
@@ -224,7 +240,11 @@ class Trainer:
         self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
         self.vae_player = self._player(
             VAETrainingModule(
-                vae, config.model.sample_posterior, config.loss.learn_logvar, config.model.decoder_noise_tau
+                vae,
+                config.model.sample_posterior,
+                config.loss.learn_logvar,
+                config.model.decoder_noise_tau,
+                self.vf_backbone.feature_dim if self.vf_backbone is not None else None,
             ),
             config.optim.lr,
             self.total_steps,
@@ -337,7 +357,9 @@ class Trainer:
         with self.autocast():
             output = self.vae_player.wrapped(images, generator=self._noise_generator(), transform=transform)
             reconstructions, images = output.reconstructions, output.targets  # the images, or their transform
-            g_loss, breakdown = self.generator_loss(images, reconstructions, output.posterior, disc_active)
+            g_loss, breakdown = self.generator_loss(
+                images, reconstructions, output.posterior, disc_active, alignment=self.alignment(output)
+            )
         self.vae_player.backward(self.accelerator, g_loss)
         if self.accelerator.sync_gradients:
             updated, breakdown["grad_norm"] = self.vae_player.step(self.accelerator)
@@ -362,7 +384,13 @@ class Trainer:
         seed = image_datasets.sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index)
         return torch.Generator(self.accelerator.device).manual_seed(seed)
 
-    def generator_loss(self, images, reconstructions, posterior, disc_active: bool):
+    def alignment(self, output) -> Alignment | None:
+        """What the VF loss needs from this forward (None when `loss.vf_weight` is 0)."""
+        if output.projected is None:
+            return None
+        return Alignment(output.projected, output.inputs, encoder_last_layer(self.vae))
+
+    def generator_loss(self, images, reconstructions, posterior, disc_active: bool, alignment: Alignment | None = None):
         """The game's generator loss; before `loss.disc_start_step` the discriminator is not even run."""
         return self.game.generator_loss(
             images,
@@ -373,6 +401,7 @@ class Trainer:
             side_gradients=self.vae_player.side_gradients,
             loss_scale=None if self.vae_player.scaler is None else self.vae_player.scaler.scale,
             logvar=self.vae_player.module.logvar,
+            alignment=alignment,
         )
 
     def discriminator_step(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -626,6 +655,8 @@ class Trainer:
         shape = model_shape(dict(self.vae.config), disc)
         if loss.learn_logvar:  # the key only when on, so that checkpoints without it keep resuming
             shape["learn_logvar"] = True
+        if self.vf_backbone is not None:  # the projection's shape, which a checkpoint must match
+            shape["vf_projection"] = [self.vae.config.latent_channels, self.vf_backbone.feature_dim]
         return shape
 
     def save_checkpoint(self) -> Path:
