@@ -14,8 +14,9 @@ from conftest import tiny_overrides
 
 
 def build(image_folder, tmp_path, name="run", **overrides) -> Trainer:
-    """A tiny trainer; without LPIPS unless asked (building its VGG trunk costs seconds on a CPU)."""
-    overrides = {"loss.perceptual_weight": 0, **overrides}
+    """A tiny trainer; without LPIPS unless asked (building its VGG trunk costs seconds on a CPU), and with a fixed
+    scaling_factor (exports then measure no latents)."""
+    overrides = {"loss.perceptual_weight": 0, "model.scaling_factor": 1.0, **overrides}
     return Trainer(load_config(None, tiny_overrides(image_folder, tmp_path / name, **overrides)))
 
 
@@ -33,44 +34,29 @@ def first_images(trainer: Trainer) -> torch.Tensor:
 # a discriminator that warms up before it plays
 
 
-def test_the_discriminator_warms_up_on_detached_reconstructions_before_it_plays(image_folder, tmp_path):
-    warm = {"loss.disc_update_start_step": 1, "loss.disc_start_step": 3, "train.max_steps": 3}
-    common = {"model.sample_posterior": "false"}
-    trainer = build(image_folder, tmp_path, **common, **warm)
-    calls = count_calls(trainer.discriminator)
-    disc_before = {name: p.detach().clone() for name, p in trainer.discriminator.named_parameters()}
-    trainer.train()
-    assert calls[0] == 2 * 2  # steps 2 and 3: real and fake in its own update; never frozen in the VAE's loss
-    assert any(not torch.equal(disc_before[n], p) for n, p in trainer.discriminator.named_parameters())
-    # none of its loss reached the VAE: the VAE trained exactly as without a discriminator
-    reference = build(image_folder, tmp_path, "reference", **common, **{"loss.disc_weight": 0, "train.max_steps": 3})
-    reference.train()
-    for name, value in reference.vae.state_dict().items():
-        assert torch.equal(value, trainer.vae.state_dict()[name]), name
-
-
-def test_the_discriminators_schedule_starts_with_its_warm_up(image_folder, tmp_path, monkeypatch):
+def test_the_discriminator_warms_up_on_detached_reconstructions_before_it_plays(image_folder, tmp_path, monkeypatch):
     from vae_hf.train.player import Player
 
-    rates = []
+    disc_rates = []
     real_step = Player.step
 
     def recording_step(player, accelerator):
         if player.module is trainer.discriminator:
-            rates.append(player.lr)
+            disc_rates.append(player.lr)
         return real_step(player, accelerator)
 
     monkeypatch.setattr(Player, "step", recording_step)
-    overrides = {
-        "loss.disc_update_start_step": 1,
-        "loss.disc_start_step": 4,
-        "optim.warmup_steps": 2,
-        "optim.disc_lr": 2e-3,
-        "train.max_steps": 4,
-    }
-    trainer = build(image_folder, tmp_path, **overrides)
+    common = {"model.sample_posterior": "false", "optim.warmup_steps": 2, "optim.disc_lr": 2e-3, "train.max_steps": 3}
+    trainer = build(image_folder, tmp_path, **common, **{"loss.disc_update_start_step": 1, "loss.disc_start_step": 3})
+    calls = count_calls(trainer.discriminator)
     trainer.train()
-    assert rates == pytest.approx([0.0, 1e-3, 2e-3])  # steps 2-4: its own warm-up from its first update
+    assert calls[0] == 2 * 2  # steps 2 and 3: real and fake in its own update; never frozen in the VAE's loss
+    assert disc_rates == pytest.approx([0.0, 1e-3])  # its schedule's warm-up starts with its first update
+    # none of its loss reached the VAE: the VAE trained exactly as without a discriminator
+    reference = build(image_folder, tmp_path, "reference", **common, **{"loss.disc_weight": 0})
+    reference.train()
+    for name, value in reference.vae.state_dict().items():
+        assert torch.equal(value, trainer.vae.state_dict()[name]), name
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -85,13 +71,17 @@ def test_with_every_new_option_off_the_step_is_todays(image_folder, tmp_path):
     trainer = build(image_folder, tmp_path)
     images = first_images(trainer)
     assert trainer.batch_transform(images) == PLAIN
+    assert trainer._augment() is None and trainer.vf_backbone is None
+    assert not hasattr(trainer.discriminator, "lecam")
     output = trainer.vae_player.wrapped(images, generator=trainer._noise_generator())
     posterior = trainer.vae.encode(images).latent_dist
     reconstructions = trainer.vae.decode(posterior.sample(trainer._noise_generator())).sample
     assert torch.equal(output.reconstructions, reconstructions)
-    assert output.targets is images
+    assert output.targets is images and output.projected is None
     _, breakdown = trainer.generator_loss(images, output.reconstructions, output.posterior, disc_active=True)
     assert set(breakdown) == {"rec", "kl", "perceptual", "g_adv", "disc_weight", "g_loss"}
+    d_breakdown = trainer.discriminator_step(images, output.reconstructions.detach())
+    assert set(d_breakdown) == {"d_loss", "d_real", "d_fake", "disc_grad_norm"}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -311,3 +301,117 @@ def test_an_offline_hub_backbone_fails_at_once_in_one_line(image_folder, tmp_pat
     message = str(error.value)
     assert message.startswith("loss.vf_backbone=some-owner/not-cached-backbone: ") and "\n" not in message
     assert not (tmp_path / "run" / "checkpoints").exists()  # before any model or data was built
+
+
+# ------------------------------------------------------------------------------------------------------
+# stronger discriminators: DINO heads, DiffAugment, LeCam, lazy R1
+
+
+def test_lecam_penalty_pulls_each_side_towards_the_other_sides_anchor():
+    from vae_hf.losses import lecam_penalty
+
+    real, fake = torch.tensor([1.0, 3.0]), torch.tensor([-1.0, 0.0])
+    # mean(relu(real + 0.5)^2) = (2.25 + 12.25) / 2; mean(relu(0.5 - fake)^2) = (2.25 + 0.25) / 2
+    expected = torch.tensor(7.25 + 1.25)
+    torch.testing.assert_close(lecam_penalty(real, fake, torch.tensor(0.5), torch.tensor(-0.5)), expected)
+    assert lecam_penalty(real, fake, torch.tensor(-5.0), torch.tensor(5.0)) == 0  # both inside their anchors
+
+
+def test_lecam_anchors_are_moving_averages_of_the_mean_logits():
+    from vae_hf.models.discriminator import LeCamAnchors
+
+    anchors = LeCamAnchors()
+    anchors.update(torch.tensor([1.0, 3.0]), torch.tensor([-4.0]), decay=0.9)
+    anchors.update(torch.tensor([2.0]), torch.tensor([0.0]), decay=0.9)
+    torch.testing.assert_close(anchors.real, torch.tensor(0.9 * 0.2 + 0.1 * 2.0))
+    torch.testing.assert_close(anchors.fake, torch.tensor(0.9 * -0.4))
+    assert set(anchors.state_dict()) == {"real", "fake"}  # saved with the discriminator
+
+
+def test_r1_penalty_is_the_squared_gradient_norm_of_a_linear_discriminator():
+    from vae_hf.losses import r1_penalty
+
+    weight = torch.tensor([[[[1.0, -2.0]]], [[[0.5, 0.0]]]]).view(1, 2, 1, 2)
+    images = torch.randn(3, 2, 1, 2, requires_grad=True)
+    logits = (images * weight).flatten(1).sum(dim=1)
+    torch.testing.assert_close(r1_penalty(logits, images), weight.pow(2).sum())
+
+
+def test_diffaugment_parts_do_what_they_say():
+    from vae_hf.models.diffaug import adjust_colour, cutout, diff_augment, translate
+
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4) / 100
+    ones, zeros = torch.ones(2), torch.zeros(2)
+    torch.testing.assert_close(adjust_colour(images, ones * 0.1, ones, ones), images + 0.1)
+    grey = adjust_colour(images, zeros, zeros, ones)
+    torch.testing.assert_close(grey, images.mean(dim=1, keepdim=True).expand_as(images))
+    shifted = translate(images, torch.tensor([[1, 0], [0, -1]]), (1, 1))
+    torch.testing.assert_close(shifted[0, :, 1:], images[0, :, :-1])
+    assert not shifted[0, :, 0].any()
+    torch.testing.assert_close(shifted[1, :, :, :-1], images[1, :, :, 1:])
+    cut = cutout(images + 1, torch.tensor([[0, 0], [3, 3]]), (2, 2))
+    assert not cut[0, :, :2, :2].any() and cut[0, :, 2:].all() and not cut[1, :, 3, 3].any() and cut[1, :, :3].all()
+    # drawn from a generator: the same seed the same augmentation, and gradient passes through
+    pixels = images.clone().requires_grad_(True)
+    first = diff_augment(pixels, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first, diff_augment(images, torch.Generator().manual_seed(3)))
+    first.sum().backward()
+    assert pixels.grad.abs().sum() > 0
+
+
+def dino_overrides(backbone: str, **extra) -> dict:
+    return {
+        "loss.disc_type": "dino",
+        "loss.disc_backbone": backbone,
+        "loss.disc_image_size": 16,
+        "loss.disc_channels": 8,
+        "loss.disc_loss": "hinge",
+        "loss.disc_diffaug": "true",
+        "loss.disc_start_step": 0,
+        **extra,
+    }
+
+
+def test_the_dino_discriminator_trains_its_heads_and_never_its_backbone(image_folder, tmp_path, tiny_backbone):
+    trainer = build(image_folder, tmp_path, **dino_overrides(tiny_backbone))
+    discriminator = trainer.discriminator
+    heads = {id(p) for p in discriminator.heads.parameters()}
+    assert {id(p) for p in trainer.disc_player.parameters} == heads  # the optimizer holds the heads only
+    assert not any(p.requires_grad for p in discriminator.backbone.parameters())
+    images = first_images(trainer)
+    reconstructions = trainer.vae_player.wrapped(images).reconstructions
+    g_loss, breakdown = trainer.generator_loss(
+        images, reconstructions, trainer.vae_player.wrapped(images).posterior, True, augment=trainer._augment()
+    )
+    g_loss.backward()  # through the frozen discriminator, into the decoder
+    assert breakdown["g_adv"] != 0 and trainer.vae.decoder.conv_out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in discriminator.parameters())
+    before = {name: p.detach().clone() for name, p in discriminator.named_parameters()}
+    trainer.discriminator_step(images, reconstructions.detach(), trainer._augment())
+    moved = {name for name, p in discriminator.named_parameters() if not torch.equal(before[name], p)}
+    assert moved and all(name.startswith("heads.") for name in moved)
+    assert all(p.grad is None for p in discriminator.backbone.parameters())
+
+
+def test_lecam_and_lazy_r1_join_the_discriminators_loss_and_lecam_resumes(image_folder, tmp_path):
+    overrides = {
+        "loss.disc_start_step": 0,
+        "loss.disc_lecam_weight": 0.1,
+        "loss.disc_r1_weight": 1.0,
+        "loss.disc_r1_every_steps": 2,
+        "train.log_every_steps": 1,
+    }
+    trainer = build(image_folder, tmp_path, **overrides)
+    images = first_images(trainer)
+    trainer.progress.global_step = 2  # an R1 step (every 2nd)
+    breakdown = trainer.training_step(images)
+    assert breakdown["lecam"] >= 0 and breakdown["r1"] > 0
+    trainer.progress.global_step = 3
+    assert "r1" not in trainer.training_step(images)
+    anchors = trainer.discriminator.lecam
+    assert anchors.real != 0 and anchors.fake != 0
+    trainer.progress.global_step = 0
+    trainer.train()
+    saved = anchors.real.clone(), anchors.fake.clone()
+    resumed = build(image_folder, tmp_path, **overrides, **{"train.resume_from": "latest", "train.max_steps": 3})
+    assert (resumed.discriminator.lecam.real, resumed.discriminator.lecam.fake) == saved

@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.reconstruction_reduction": ("mean", "sum"),
     "loss.disc_loss": ("lsgan", "hinge", "vanilla"),
     "loss.disc_norm": ("batch", "none"),
+    "loss.disc_type": ("patchgan", "dino"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.eval_metrics": ("psnr", "ssim", "lpips", "rfid"),
@@ -249,6 +250,26 @@ class LossConfig:
     """Strided layers of the PatchGAN discriminator."""
     disc_norm: str = "batch"
     """Normalisation in the discriminator: batch or none."""
+    disc_type: str = "patchgan"
+    """patchgan (the reference recipe's) or dino: trainable spectral-norm heads on a frozen DINO ViT's patch tokens
+    (StyleGAN-T; RAE and VAR's tokenizer use it with the hinge loss and DiffAugment: loss.disc_diffaug)."""
+    disc_backbone: str = "facebook/dino-vits8"
+    """The dino discriminator's frozen ViT: a transformers Hub id or local folder (StyleGAN-T, RAE: DINO ViT-S)."""
+    disc_image_size: int = 224
+    """Side the images are resized to for the dino discriminator, a multiple of its patch size."""
+    disc_diffaug: bool = False
+    """DiffAugment (Zhao et al. 2020): random colour, translation and cutout on everything the discriminator sees,
+    real and reconstructed alike, in both players' losses (RAE: always on with the dino discriminator)."""
+    disc_lecam_weight: float = 0.0
+    """Weight of LeCam regularisation in the discriminator's loss (Tseng et al. 2021; REPA-E's tokenizer losses
+    offer it): its logits are pulled towards moving averages of the other side's. 0: off."""
+    disc_lecam_decay: float = 0.99
+    """Decay of LeCam's moving averages of the mean real and fake logits."""
+    disc_r1_weight: float = 0.0
+    """gamma of the R1 gradient penalty on real images, (gamma / 2) x E ||grad D(x)||^2 (Mescheder et al. 2018).
+    0: off."""
+    disc_r1_every_steps: int = 16
+    """Lazy R1 (StyleGAN2): computed on every this many optimizer steps only, scaled by it to keep its strength."""
     eq_probability: float = 0.0
     """Equivariance regularisation (EQ-VAE, arXiv 2502.09509; its p_prior, 0.5): the probability that a batch
     decodes a transformed latent T(z), a bilinear downscale and a turn by 90, 180 or 270 degrees, and is compared
@@ -285,6 +306,15 @@ class LossConfig:
         _require_choice(self.reconstruction_reduction, "loss.reconstruction_reduction")
         _require_choice(self.disc_loss, "loss.disc_loss")
         _require_choice(self.disc_norm, "loss.disc_norm")
+        _require_choice(self.disc_type, "loss.disc_type")
+        _require(self.disc_image_size > 0, "loss.disc_image_size", f"must be positive, got {self.disc_image_size}")
+        for key in ("disc_lecam_weight", "disc_r1_weight"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and value >= 0, f"loss.{key}", f"must be finite and >= 0, got {value}")
+        _require(
+            0 <= self.disc_lecam_decay < 1, "loss.disc_lecam_decay", f"must be in [0, 1), got {self.disc_lecam_decay}"
+        )
+        _require(self.disc_r1_every_steps >= 1, "loss.disc_r1_every_steps", "must be >= 1")
         for key in ("reconstruction_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_loss_weight"):
             value = getattr(self, key)
             _require(math.isfinite(value) and value >= 0, f"loss.{key}", f"must be finite and >= 0, got {value}")
@@ -531,16 +561,29 @@ class Config:
             "needs held-out images: set data.validation_fraction (e.g. 0.01) or data.validation_split",
         )
         self._require_room_to_downscale()
+        if loss.disc_weight == 0:
+            for key, on in (
+                ("disc_type", loss.disc_type != "patchgan"),
+                ("disc_diffaug", loss.disc_diffaug),
+                ("disc_lecam_weight", loss.disc_lecam_weight > 0),
+                ("disc_r1_weight", loss.disc_r1_weight > 0),
+            ):
+                _require(
+                    not on,
+                    f"loss.{key}",
+                    "shapes a discriminator, but loss.disc_weight is 0 (none); set one or the other",
+                )
+        if loss.vf_weight > 0 or (loss.disc_weight > 0 and loss.disc_type == "dino"):
+            _require(
+                importlib.util.find_spec("transformers") is not None,
+                "loss.vf_weight" if loss.vf_weight > 0 else "loss.disc_type",
+                "the backbone needs transformers (pip install 'vae-hf[vision]')",
+            )
         if loss.vf_weight > 0:
             _require(
                 not self.model.train_decoder_only,
                 "loss.vf_weight",
                 "aligns the latents, but model.train_decoder_only freezes the encoder that makes them; choose one",
-            )
-            _require(
-                importlib.util.find_spec("transformers") is not None,
-                "loss.vf_weight",
-                "the backbone needs transformers (pip install 'vae-hf[vision]')",
             )
         if self.model.pretrained is not None:
             defaults = ModelConfig()

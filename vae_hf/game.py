@@ -27,6 +27,8 @@ from vae_hf.losses import (
     discriminator_loss,
     generator_adversarial_loss,
     kl_loss,
+    lecam_penalty,
+    r1_penalty,
     reconstruction_loss,
     vf_loss,
 )
@@ -99,6 +101,7 @@ class Game:
         loss_scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
         logvar: torch.Tensor | None = None,
         alignment: Alignment | None = None,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The VAE's loss and its detached breakdown.
 
@@ -107,7 +110,7 @@ class Game:
         wraps that measurement for a launch setup that hooks the reconstructions (DeepSpeed); `loss_scale` is
         fp16's gradient scaling, applied to that measurement so that its gradients do not underflow. `logvar` is
         the learnable log-variance of `loss.learn_logvar` (None without it); `alignment` what the VF loss needs
-        (None without it).
+        (None without it); `augment` DiffAugment, applied to what the discriminator sees (None without it).
         """
         loss = self.loss
         zero = images.new_zeros((), dtype=torch.float32)
@@ -126,7 +129,8 @@ class Game:
         g_adv, disc_weight = zero, zero
         if discriminator is not None:
             with frozen(discriminator):
-                g_adv = generator_adversarial_loss(discriminator(reconstructions), loss.disc_loss)
+                seen = augment(reconstructions) if augment is not None else reconstructions
+                g_adv = generator_adversarial_loss(discriminator(seen), loss.disc_loss)
             disc_weight = zero + loss.disc_weight
             if loss.adaptive_disc_weight:
                 with side_gradients(reconstructions):
@@ -180,15 +184,39 @@ class Game:
         return nll
 
     def discriminator_loss(
-        self, discriminator: nn.Module, images: torch.Tensor, reconstructions: torch.Tensor
+        self,
+        discriminator: nn.Module,
+        images: torch.Tensor,
+        reconstructions: torch.Tensor,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        anchors: nn.Module | None = None,
+        r1_scale: float = 0.0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The discriminator's loss on real images and (detached) reconstructions, and its breakdown."""
-        logits_real = discriminator(images)
-        logits_fake = discriminator(reconstructions)
+        """The discriminator's loss on real images and (detached) reconstructions, and its breakdown.
+
+        `augment` (DiffAugment) transforms both sides; `anchors` are LeCam's moving averages (`LeCamAnchors`,
+        updated here); `r1_scale` > 0 adds that times the R1 penalty on the real images (a lazy R1 step: their
+        forward then runs in full precision, so that the penalty's second-order gradients do not underflow)."""
+        see = augment if augment is not None else (lambda pixels: pixels)
+        if r1_scale > 0:
+            images = images.detach().float().requires_grad_(True)
+            with torch.autocast(images.device.type, enabled=False):
+                logits_real = discriminator(see(images))
+        else:
+            logits_real = discriminator(see(images))
+        logits_fake = discriminator(see(reconstructions))
         d_loss = self.loss.disc_loss_weight * discriminator_loss(logits_real, logits_fake, self.loss.disc_loss)
         breakdown = {
-            "d_loss": d_loss.detach(),
             "d_real": logits_real.detach().float().mean(),
             "d_fake": logits_fake.detach().float().mean(),
         }
-        return d_loss, breakdown
+        if anchors is not None:
+            lecam = lecam_penalty(logits_real, logits_fake, anchors.real, anchors.fake)
+            anchors.update(logits_real, logits_fake, self.loss.disc_lecam_decay)
+            d_loss = d_loss + self.loss.disc_lecam_weight * lecam
+            breakdown["lecam"] = lecam.detach()
+        if r1_scale > 0:
+            r1 = r1_penalty(logits_real, images)
+            d_loss = d_loss + r1_scale * r1
+            breakdown["r1"] = r1.detach()
+        return d_loss, {"d_loss": d_loss.detach(), **breakdown}

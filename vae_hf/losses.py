@@ -120,3 +120,23 @@ def vf_loss(
     feature_similarity = feature.transpose(1, 2) @ feature
     distmat_term = F.relu((latent_similarity - feature_similarity).abs() - distmat_margin).mean()
     return cos_term + distmat_term
+
+
+def lecam_penalty(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, anchor_real: torch.Tensor, anchor_fake: torch.Tensor
+) -> torch.Tensor:
+    """LeCam regularisation (Tseng et al., CVPR 2021, eq. 3, in its official form): mean(relu(D(x) - a_fake)^2) +
+    mean(relu(a_real - D(x_rec))^2), with a_real, a_fake moving averages of the discriminator's mean real and fake
+    logits. It keeps the discriminator's predictions from drifting apart on limited data."""
+    logits_real, logits_fake = at_least_fp32(logits_real), at_least_fp32(logits_fake)
+    real = F.relu(logits_real - anchor_fake).pow(2).mean()
+    fake = F.relu(anchor_real - logits_fake).pow(2).mean()
+    return real + fake
+
+
+def r1_penalty(logits_real: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al., ICML 2018): the batch mean of ||grad_x D(x)||^2 on real images (which must require
+    grad), with a graph so that the discriminator trains on it. The logits are summed: each image's gradient is
+    that of its own logits."""
+    (gradients,) = torch.autograd.grad(at_least_fp32(logits_real).sum(), images, create_graph=True)
+    return gradients.float().pow(2).flatten(1).sum(dim=1).mean()

@@ -57,24 +57,31 @@ class FrozenBackbone(nn.Module):
         self.patch_size = int(model.config.patch_size)
         self.image_size = image_size
         self.feature_dim = int(model.config.hidden_size)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> FrozenBackbone:
         return super().train(False)  # a fixed function: dropout and the like stay off
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = F.interpolate(images.float(), size=(self.image_size,) * 2, mode="bicubic", align_corners=False)
-        pixels = ((pixels + 1) / 2 - self.mean) / self.std
+        pixels = normalise_for_backbone(images.float(), self.image_size)
         tokens = self.model(pixel_values=pixels).last_hidden_state  # (N, [CLS] + registers + h*w, D)
-        side = self.image_size // self.patch_size
-        patches = tokens[:, -side * side :]  # the patch tokens come last, in raster order
-        return patches.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+        return patch_grid(tokens, self.image_size // self.patch_size)
+
+
+def patch_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, D, side, side) from a ViT's tokens (N, [CLS] + registers + side*side, D): the patch tokens come last, in
+    raster order."""
+    patches = tokens[:, -side * side :]
+    return patches.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
 
 def load_backbone(source: str, image_size: int, option: str = "loss.vf_backbone") -> FrozenBackbone:
     """`source` (a Hub id or a local folder) through `transformers.AutoModel`, frozen."""
+    return FrozenBackbone(load_vision_model(source, image_size, option), image_size)
+
+
+def load_vision_model(source: str, image_size: int, option: str) -> nn.Module:
+    """A transformers vision transformer with patch tokens whose patch size divides `image_size`."""
     require_backbone(source, option)
     from transformers import AutoModel
 
@@ -86,6 +93,14 @@ def load_backbone(source: str, image_size: int, option: str = "loss.vf_backbone"
         raise BackboneLoadError(f"{option}: {source} is not a vision transformer with patch tokens")
     if image_size % int(model.config.patch_size):
         raise BackboneLoadError(
-            f"{option}: loss.vf_image_size={image_size} is not a multiple of the patch size {model.config.patch_size}"
+            f"{option}: the image size {image_size} is not a multiple of its patch size {model.config.patch_size}"
         )
-    return FrozenBackbone(model, image_size)
+    return model
+
+
+def normalise_for_backbone(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Images in [-1, 1] resized to `image_size` and normalised with the ImageNet statistics, as DINO expects."""
+    pixels = F.interpolate(images, size=(image_size,) * 2, mode="bicubic", align_corners=False)
+    mean = pixels.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = pixels.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((pixels + 1) / 2 - mean) / std

@@ -28,6 +28,7 @@ from vae_hf.config import Config
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
 from vae_hf.errors import UserError
+from vae_hf.models.diffaug import diff_augment
 from vae_hf.models.vae import build_vae
 from vae_hf.perf.floor import floor_step
 from vae_hf.perf.memory import (
@@ -256,6 +257,7 @@ def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool)
         images,
         trainer.autocast,  # the trainer's own precision, as its steps run
         sample_posterior=trainer.config.model.sample_posterior,
+        augment=diff_augment if trainer.config.loss.disc_diffaug else None,  # drawn from the global generator
     )
     accumulation = trainer.config.train.gradient_accumulation_steps
 

@@ -35,13 +35,15 @@ def floor_step(
     sample_posterior: bool = True,
     transform: BatchTransform | None = None,
     generator: torch.Generator | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One micro-batch as the trainer computes it; `discriminator=None` is a step before
     `loss.disc_start_step`. With `update=False` the gradients accumulate and no optimizer steps. `vae` is the bare
     AutoencoderKL (then `sample_posterior` applies) or the trainer's training view of it, which carries the recipe's
     posterior sampling and latent noise; `transform` is
     the batch's spatial transform (None: drawn as the trainer draws one), and `generator` the posterior's and the
-    latent noise's source (None: the global one). Returns the generator's and the
+    latent noise's source (None: the global one); `augment` DiffAugment (the benchmark passes the recipe's; lazy R1
+    is left out, being every k-th step's work). Returns the generator's and the
     discriminator's loss breakdowns (detached; the second empty before the start)."""
     model = vae if isinstance(vae, VAETrainingModule) else VAETrainingModule(vae, sample_posterior)
     if transform is None:
@@ -55,7 +57,7 @@ def floor_step(
             alignment = Alignment(output.projected, output.inputs, encoder_last_layer(model.vae))
         last_layer = decoder_last_layer(model.vae)
         g_loss, g_breakdown = game.generator_loss(
-            targets, reconstructions, output.posterior, discriminator, last_layer, alignment=alignment
+            targets, reconstructions, output.posterior, discriminator, last_layer, alignment=alignment, augment=augment
         )
     g_loss.backward()
     if update:
@@ -64,7 +66,9 @@ def floor_step(
     if discriminator is None:
         return g_breakdown, {}
     with autocast():
-        d_loss, d_breakdown = game.discriminator_loss(discriminator, targets, reconstructions.detach())
+        anchors = getattr(discriminator, "lecam", None)  # LeCam's, when the recipe has them
+        detached = reconstructions.detach()
+        d_loss, d_breakdown = game.discriminator_loss(discriminator, targets, detached, augment, anchors)
     d_loss.backward()
     if update:
         disc_optimizer.step()
