@@ -80,13 +80,17 @@ def load_backbone(source: str, image_size: int, option: str = "loss.vf_backbone"
     return FrozenBackbone(load_vision_model(source, image_size, option), image_size)
 
 
-def load_vision_model(source: str, image_size: int, option: str) -> nn.Module:
-    """A transformers vision transformer with patch tokens whose patch size divides `image_size`."""
+def load_vision_model(source: str, image_size: int, option: str, eager_attention: bool = False) -> nn.Module:
+    """A transformers vision transformer with patch tokens whose patch size divides `image_size`; with
+    `eager_attention` its attention is plain matrix products, which (unlike the fused kernels) have second-order
+    gradients."""
     require_backbone(source, option)
     from transformers import AutoModel
 
+    options = {"attn_implementation": "eager"} if eager_attention else {}
     try:
-        model = AutoModel.from_pretrained(str(Path(source).expanduser()) if is_local_path(source) else source)
+        location = str(Path(source).expanduser()) if is_local_path(source) else source
+        model = AutoModel.from_pretrained(location, **options)
     except (OSError, ValueError) as error:
         raise BackboneLoadError(f"{option}: cannot load {source}: {str(error).splitlines()[0]}") from None
     if not hasattr(model.config, "patch_size") or not hasattr(model.config, "hidden_size"):

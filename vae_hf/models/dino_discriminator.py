@@ -49,5 +49,9 @@ def _head(width: int, channels: int) -> nn.Sequential:
     )
 
 
-def build_dino_discriminator(source: str, image_size: int, head_channels: int) -> DinoDiscriminator:
-    return DinoDiscriminator(load_vision_model(source, image_size, "loss.disc_backbone"), image_size, head_channels)
+def build_dino_discriminator(
+    source: str, image_size: int, head_channels: int, second_order: bool = False
+) -> DinoDiscriminator:
+    """`second_order`: the R1 penalty differentiates through the ViT twice, which fused attention kernels cannot."""
+    backbone = load_vision_model(source, image_size, "loss.disc_backbone", eager_attention=second_order)
+    return DinoDiscriminator(backbone, image_size, head_channels)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vae_hf.losses import at_least_fp32
+
 EQUIVARIANCE, LOW_RESOLUTION = "equivariance", "low_resolution"
 
 
@@ -34,8 +36,12 @@ class BatchTransform:
         the VAE's downsampling factor; the latents: 1)."""
         if self.size is not None:
             size = (self.size[0] * factor, self.size[1] * factor)
-            # antialiased, as a downscaled photograph is; the same filter for latents and images
-            tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
+            # antialiased, as a downscaled photograph is; the same filter for latents and images. The antialiased
+            # kernel has no half-precision CPU implementation: autocast's latents are resized in fp32
+            resized = F.interpolate(
+                at_least_fp32(tensor), size=size, mode="bilinear", align_corners=False, antialias=True
+            )
+            tensor = resized.to(tensor.dtype)
         if self.quarter_turns:
             tensor = torch.rot90(tensor, k=self.quarter_turns, dims=(-2, -1))
         return tensor

@@ -272,7 +272,9 @@ class Trainer:
         """The PatchGAN, or heads on a frozen DINO ViT (`loss.disc_type`), with LeCam's anchors when asked."""
         loss = self.config.loss
         if loss.disc_type == "dino":
-            discriminator = build_dino_discriminator(loss.disc_backbone, loss.disc_image_size, loss.disc_channels)
+            discriminator = build_dino_discriminator(
+                loss.disc_backbone, loss.disc_image_size, loss.disc_channels, second_order=loss.disc_r1_weight > 0
+            )
         else:
             discriminator = PatchDiscriminator(3, loss.disc_channels, loss.disc_num_layers, loss.disc_norm)
         if loss.disc_lecam_weight > 0:
