@@ -446,3 +446,33 @@ def test_every_option_at_once_trains_under_autocast_with_fp32_master_weights(
     assert all(torch.isfinite(value).all() for value in breakdown.values()), breakdown
     trained = [*trainer.vae_player.parameters, *trainer.disc_player.parameters]
     assert all(p.dtype == torch.float32 for p in trained)
+
+
+def test_a_resumed_run_with_every_option_matches_the_uninterrupted_one(image_folder, tmp_path, tiny_backbone):
+    """Transforms, latent noise and DiffAugment are drawn from (seed, micro-batch, process); the VF projection and
+    LeCam's anchors are in the checkpoint: resuming changes nothing, to the bit."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    overrides = {
+        **vf_overrides(tiny_backbone),
+        **dino_overrides(tiny_backbone, **{"loss.disc_update_start_step": 0, "loss.disc_start_step": 1}),
+        "loss.eq_probability": 0.5,
+        "loss.eq_low_res_probability": 0.5,
+        "loss.eq_scale_min": 0.5,
+        "model.decoder_noise_tau": 0.8,
+        "loss.disc_lecam_weight": 0.01,
+    }
+
+    def run(name: str, **extra) -> dict[str, torch.Tensor]:
+        AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator at a time
+        GradientState._reset_state()
+        PartialState._reset_state()
+        trainer = build(image_folder, tmp_path, name, **overrides, **extra)
+        trainer.train()
+        return {**trainer.vae_player.module.state_dict(), **trainer.discriminator.state_dict()}
+
+    uninterrupted = run("uninterrupted", **{"train.max_steps": 3})
+    run("interrupted", **{"train.max_steps": 2})
+    resumed = run("interrupted", **{"train.max_steps": 3, "train.resume_from": "latest"})
+    assert [name for name in uninterrupted if not torch.equal(uninterrupted[name], resumed[name])] == []
+    assert "lecam.real" in resumed and "vf_projection.weight" in resumed
