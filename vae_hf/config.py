@@ -597,13 +597,14 @@ class Config:
 
     def _require_room_to_downscale(self) -> None:
         """Downscaled batches (EQ-VAE) must still fit LPIPS's VGG (16 px: four poolings) and the PatchGAN (two
-        logits across after its strided layers)."""
+        logits across after its strided layers; the dino discriminator resizes its input itself)."""
         loss = self.loss
         if loss.eq_probability == 0 and loss.eq_low_res_probability == 0 or loss.eq_scale_min == 1:
             return
         smallest = math.ceil(loss.eq_scale_min * self.data.resolution)
         needed = max(
-            16 if loss.perceptual_weight > 0 else 1, 2 ** (loss.disc_num_layers + 1) if loss.disc_weight > 0 else 1
+            16 if loss.perceptual_weight > 0 else 1,
+            2 ** (loss.disc_num_layers + 1) if loss.disc_weight > 0 and loss.disc_type == "patchgan" else 1,
         )
         _require(
             smallest >= needed,
