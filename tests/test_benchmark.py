@@ -138,3 +138,19 @@ def test_a_largest_batch_at_the_search_cap_is_not_reported_as_measured():
     table = markdown({"device": "cpu", "versions": {"torch": "x"}, "date": "d", "memory": memory})
     assert "| off | 0.10 | 100 (in 24.0 GiB) |" in table
     assert f"| on | 0.10 | ≥ {LARGEST_BATCH_CAP} (search cap) (in 24.0 GiB) |" in table
+
+
+def test_bench_reports_what_each_latent_space_term_costs(image_folder, tmp_path):
+    """Each term the recipe has on is timed switched off alone (the discriminator on), against the run with all."""
+    from vae_hf.config import load_config
+    from vae_hf.perf import benchmark
+
+    overrides = {"model.decoder_noise_tau": 0.5, "loss.perceptual_weight": 0}
+    config = load_config(None, tiny_overrides(image_folder, tmp_path / "unused", **overrides))
+    with_all = {"trainer_disc_on": {"s_per_step": 10.0}, "bare_disc_on": {"s_per_step": 5.0}}
+    costs = benchmark._latent_term_costs(benchmark._benchmark_config(config, tmp_path / "scratch", 3), 1, with_all)
+    assert set(costs) == {"decoder_noise"}  # the terms the recipe has on, no other
+    cost = costs["decoder_noise"]
+    assert 0 < cost["bare_s_per_step_without"] < 5 and 0 < cost["trainer_s_per_step_without"] < 10
+    assert cost["bare_extra_s_per_step"] == 5.0 - cost["bare_s_per_step_without"]
+    assert "| decoder_noise | " in benchmark._latent_terms_table(costs)

@@ -132,6 +132,11 @@ def test_a_no_spelled_as_yaml_false_is_no_and_a_yes_is_refused(typed):
         (["train.eval_every_steps=100"], "train.eval_every_steps", "data.validation_fraction"),
         (["model.pretrained=some/vae", "model.block_out_channels=[64,128]"], "model.block_out_channels", "pretrained"),
         (["model.pretrained=some/vae", "model.latent_channels=16"], "model.latent_channels", "pretrained"),
+        (["loss.disc_update_start_step=5", "loss.disc_weight=0"], "loss.disc_update_start_step", "loss.disc_weight"),
+        (["loss.disc_update_start_step=5", "loss.disc_start_step=2"], "loss.disc_update_start_step", "disc_start"),
+        (["loss.disc_lecam_weight=0.001", "loss.disc_weight=0"], "loss.disc_lecam_weight", "loss.disc_weight"),
+        (["loss.disc_type=dino", "loss.disc_weight=0"], "loss.disc_type", "loss.disc_weight"),
+        (["loss.vf_weight=0.1", "model.train_decoder_only=true"], "loss.vf_weight", "model.train_decoder_only"),
     ],
 )
 def test_keys_that_contradict_each_other_are_refused_at_start(overrides, key, hint, tmp_path):

@@ -110,6 +110,30 @@ def test_write_with_shift_centres_the_latents_too(vae_folder, image_folder):
     assert abs(float(latents.mean())) < 0.03
 
 
+def test_write_with_channels_stores_per_channel_statistics_diffusers_loads(vae_folder, image_folder):
+    latent_stats_command(str(vae_folder), str(image_folder), RESOLUTION, write=True, channels=True)
+    config = AutoencoderKL.from_pretrained(vae_folder).config  # diffusers' own keys: it loads them
+    assert config.shift_factor is None  # --channels writes the per-channel keys only
+    measured = latent_statistics(tiny_vae(), [images_of(image_folder)])  # the tool's draws: one batch, seed 0
+    assert list(config.latents_mean) == pytest.approx(measured["channel_mean"], rel=1e-6)
+    assert list(config.latents_std) == pytest.approx(measured["channel_std"], rel=1e-6)
+    assert len(set(config.latents_std)) == 4  # one value per channel, not the overall std repeated
+    # and they normalise those latents per channel, as SD3/Wan-style pipelines apply them
+    with torch.no_grad():
+        posterior = tiny_vae().encode(images_of(image_folder)).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=torch.Generator().manual_seed(0)
+        )
+    mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in (config.latents_mean, config.latents_std))
+    normalised = ((latents - mean) / std).transpose(0, 1).flatten(1)  # (C, values)
+    torch.testing.assert_close(normalised.std(dim=1), torch.ones(4), rtol=1e-4, atol=0)
+
+
+def test_channels_without_write_is_refused():
+    with pytest.raises(LatentStatsError, match="^--channels chooses what --write stores; add --write$"):
+        latent_stats_command("unused", "unused", channels=True)
+
+
 def test_write_replaces_the_config_in_one_rename_and_keeps_other_keys(tmp_path):
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"_class_name": "AutoencoderKL", "scaling_factor": 0.18215, "custom": [1, 2]}))

@@ -330,3 +330,19 @@ def test_export_diffusers_refuses_to_replace_a_folder_that_is_not_a_vae(tmp_path
     assert main(["export", "--model", str(single), "--diffusers", str(tmp_path / "photos")]) == 2
     assert "is not a diffusers folder" in capsys.readouterr().err
     assert (tmp_path / "photos" / "a.png").exists()
+
+
+def test_a_flux_shaped_vae_without_quant_convolutions_exports_and_loads(tmp_path: Path):
+    """configs/flux_f8c16.yaml's layout (16 channels, no quant/post-quant convolutions), on tiny widths."""
+    from vae_hf.config import load_config
+    from vae_hf.models.vae import build_vae
+
+    config = load_config(ROOT / "configs" / "flux_f8c16.yaml", ["model.block_out_channels=[32,64]"])
+    vae = build_vae(config.model, 32).eval()
+    assert vae.quant_conv is None and vae.post_quant_conv is None and vae.config.latent_channels == 16
+    path = save_single_file(vae, tmp_path / "vae.safetensors")
+    loaded = load_vae(str(path)).eval()
+    assert loaded.quant_conv is None and loaded.post_quant_conv is None and loaded.config.latent_channels == 16
+    torch.testing.assert_close(reconstruct(loaded, images()), reconstruct(vae, images()), atol=1e-6, rtol=0)
+    vae.save_pretrained(tmp_path / "folder")
+    assert AutoencoderKL.from_pretrained(tmp_path / "folder").post_quant_conv is None

@@ -104,7 +104,7 @@ def test_lpips_sends_gradient_to_the_decoder(image_folder, tmp_path):
         image_folder, tmp_path, **{"loss.reconstruction_weight": 0, "loss.kl_weight": 0, "loss.disc_weight": 0}
     )
     images = first_images(trainer)
-    reconstructions, posterior = trainer.vae_player.wrapped(images)
+    reconstructions, posterior, *_ = trainer.vae_player.wrapped(images)
     g_loss, breakdown = trainer.generator_loss(images, reconstructions, posterior, disc_active=False)
     assert breakdown["rec"] > 0 and g_loss.item() == pytest.approx(breakdown["perceptual"].item())
     g_loss.backward()
@@ -140,7 +140,7 @@ def test_each_players_step_changes_only_its_own_parameters(image_folder, tmp_pat
     images = first_images(trainer)
     vae_before, disc_before = snapshot(trainer.vae), snapshot(trainer.discriminator)
 
-    reconstructions, posterior = trainer.vae_player.wrapped(images)
+    reconstructions, posterior, *_ = trainer.vae_player.wrapped(images)
     g_loss, breakdown = trainer.generator_loss(images, reconstructions, posterior, disc_active=True)
     assert breakdown["g_adv"] != 0
     trainer.vae_player.backward(trainer.accelerator, g_loss)
@@ -517,8 +517,17 @@ def test_fused_and_foreach_adam_train_the_same_way(image_folder, tmp_path, steps
     assert difference <= tolerance * largest
 
 
-@pytest.mark.parametrize("adaptive", ["false", "true"])
-def test_the_benchmark_floor_plays_the_trainers_game(image_folder, tmp_path, applied_gradients, in_float64, adaptive):
+# the latent-space terms that change what the VAE computes: an equivariance batch (16 px at least, for LPIPS and
+# the PatchGAN) and latent noise for the decoder, drawn as the trainer draws them
+LATENT_TERMS = {"loss.eq_probability": 1, "loss.eq_scale_min": 0.5, "model.decoder_noise_tau": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "latent_terms"), [("false", {}), ("true", {}), ("true", LATENT_TERMS)], ids=["fixed", "adaptive", "eq"]
+)
+def test_the_benchmark_floor_plays_the_trainers_game(
+    image_folder, tmp_path, applied_gradients, in_float64, adaptive, latent_terms
+):
     """vae_hf.perf.floor (what `vae-hf bench` compares the trainer with, and what the memory estimate runs)
     computes the trainer's generator and discriminator losses and gradients for the same weights and batch."""
     import contextlib
@@ -527,9 +536,11 @@ def test_the_benchmark_floor_plays_the_trainers_game(image_folder, tmp_path, app
     from vae_hf.perf.floor import floor_step
 
     overrides = {"loss.disc_start_step": 0, "loss.adaptive_disc_weight": adaptive, "model.sample_posterior": "false"}
-    trainer = in_float64(build(image_folder, tmp_path, **overrides))
+    trainer = in_float64(build(image_folder, tmp_path, **overrides, **latent_terms))
     images = first_images(trainer)
-    vae, discriminator = copy.deepcopy(trainer.vae), copy.deepcopy(trainer.discriminator)
+    vae, discriminator = copy.deepcopy(trainer.vae_player.module), copy.deepcopy(trainer.discriminator)
+    transform, generator = trainer.batch_transform(images), trainer._noise_generator()  # what the step draws
+    assert (transform.kind is not None) == bool(latent_terms)
 
     breakdown = trainer.training_step(images)  # both players' steps, gradients recorded before each update
     vae_grads, disc_grads = applied_gradients
@@ -542,7 +553,8 @@ def test_the_benchmark_floor_plays_the_trainers_game(image_folder, tmp_path, app
         images,
         contextlib.nullcontext,
         update=False,
-        sample_posterior=False,
+        transform=transform,
+        generator=generator,
     )
 
     assert (breakdown["disc_weight"] != trainer.config.loss.disc_weight) == (adaptive == "true")

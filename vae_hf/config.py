@@ -40,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.reconstruction_reduction": ("mean", "sum"),
     "loss.disc_loss": ("lsgan", "hinge", "vanilla"),
     "loss.disc_norm": ("batch", "none"),
+    "loss.disc_type": ("patchgan", "dino"),
     "optim.lr_scheduler": ("constant", "cosine", "linear"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.eval_metrics": ("psnr", "ssim", "lpips", "rfid"),
@@ -57,7 +58,14 @@ def _require_choice(value: str, key: str) -> None:
 
 
 # What a fresh VAE is built from; a pretrained VAE brings its own.
-ARCHITECTURE_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")
+ARCHITECTURE_KEYS = (
+    "block_out_channels",
+    "layers_per_block",
+    "latent_channels",
+    "norm_num_groups",
+    "use_quant_conv",
+    "use_post_quant_conv",
+)
 
 
 @dataclass
@@ -74,10 +82,18 @@ class ModelConfig:
     """Channels of the latent grid (SD: 4)."""
     norm_num_groups: int = 32
     """GroupNorm groups; every block width must be divisible by it."""
+    use_quant_conv: bool = True
+    """The 1x1 convolution between the encoder and the posterior (SD: yes; FLUX.1's VAE: no)."""
+    use_post_quant_conv: bool = True
+    """The 1x1 convolution between the latent and the decoder (SD: yes; FLUX.1's VAE: no)."""
     train_decoder_only: bool = False
     """Freeze encoder and quant_conv so existing latents stay valid (SD ft-MSE/ft-EMA style)."""
     sample_posterior: bool = True
     """Decode a sample of the posterior (reparameterisation, LDM); false decodes its mean."""
+    decoder_noise_tau: float = 0.0
+    """Latent noise for the decoder: in training it decodes z + sigma x std(z) x eps, sigma drawn per sample from
+    U(0, tau), so that it learns to decode the imperfect latents a diffusion model samples (RAE, arXiv 2510.11690:
+    noise_tau 0.8; l-DeTok, arXiv 2507.15856). 0: off."""
     scaling_factor: Optional[float] = None
     """The scaling_factor written into every export's config.json. null: measured (1 / latent std) at every export
     of a VAE whose encoder trains; a decoder-only fine-tune keeps the starting model's (or, when resumed, the one in
@@ -93,6 +109,11 @@ class ModelConfig:
         _require(self.layers_per_block >= 1, "model.layers_per_block", "must be >= 1")
         _require(self.latent_channels >= 1, "model.latent_channels", "must be >= 1")
         _require(self.norm_num_groups >= 1, "model.norm_num_groups", "must be >= 1")
+        _require(
+            math.isfinite(self.decoder_noise_tau) and self.decoder_noise_tau >= 0,
+            "model.decoder_noise_tau",
+            f"must be finite and >= 0, got {self.decoder_noise_tau}",
+        )
         if self.scaling_factor is not None:
             _require(
                 math.isfinite(self.scaling_factor) and self.scaling_factor > 0,
@@ -227,6 +248,10 @@ class LossConfig:
     """Scale of the discriminator's own loss (the reference recipe multiplies it by disc_weight, 0.5)."""
     disc_start_step: int = 3750
     """Optimizer step at which the discriminator starts (reference recipe: 15000 micro-batches / 4 = 3750)."""
+    disc_update_start_step: Optional[int] = None
+    """Optimizer step from which the discriminator trains on detached reconstructions, while its loss reaches the
+    VAE only from disc_start_step (RAE, arXiv 2510.11690: discriminator from epoch 6, its loss from epoch 8): an
+    untrained discriminator switched on ruins reconstructions. null: from disc_start_step."""
     disc_loss: str = "lsgan"
     """Adversarial loss: lsgan (the reference recipe), hinge (LDM) or vanilla (non-saturating BCE)."""
     adaptive_disc_weight: bool = False
@@ -239,6 +264,55 @@ class LossConfig:
     """Strided layers of the PatchGAN discriminator."""
     disc_norm: str = "batch"
     """Normalisation in the discriminator: batch or none."""
+    disc_type: str = "patchgan"
+    """patchgan (the reference recipe's) or dino: trainable spectral-norm heads on a frozen DINO ViT's patch tokens
+    (StyleGAN-T; RAE and VAR's tokenizer use it with the hinge loss and DiffAugment: loss.disc_diffaug)."""
+    disc_backbone: str = "facebook/dino-vits8"
+    """The dino discriminator's frozen ViT: a transformers Hub id or local folder (StyleGAN-T, RAE: DINO ViT-S)."""
+    disc_image_size: int = 224
+    """Side the images are resized to for the dino discriminator, a multiple of its patch size."""
+    disc_diffaug: bool = False
+    """DiffAugment (Zhao et al. 2020): random colour, translation and cutout on everything the discriminator sees,
+    real and reconstructed alike, in both players' losses (RAE: always on with the dino discriminator)."""
+    disc_lecam_weight: float = 0.0
+    """Weight of LeCam regularisation in the discriminator's loss (Tseng et al. 2021; REPA-E's tokenizer losses
+    offer it): its logits are pulled towards moving averages of the other side's. 0: off."""
+    disc_lecam_decay: float = 0.99
+    """Decay of LeCam's moving averages of the mean real and fake logits."""
+    disc_r1_weight: float = 0.0
+    """gamma of the R1 gradient penalty on real images, (gamma / 2) x E ||grad D(x)||^2 (Mescheder et al. 2018).
+    0: off."""
+    disc_r1_every_steps: int = 16
+    """Lazy R1 (StyleGAN2): computed on every this many optimizer steps only, scaled by it to keep its strength."""
+    eq_probability: float = 0.0
+    """Equivariance regularisation (EQ-VAE, arXiv 2502.09509; its p_prior, 0.5): the probability that a batch
+    decodes a transformed latent T(z), a bilinear downscale and a turn by 90, 180 or 270 degrees, and is compared
+    with the image transformed alike, T(x), by every loss of the recipe (the discriminator sees T(x) too). 0: off."""
+    eq_low_res_probability: float = 0.0
+    """Of the other batches, the fraction that reconstructs a downscaled image (EQ-VAE's p_prior_s, 0.25): keeps
+    low resolutions well reconstructed. 0: off."""
+    eq_scale_min: float = 0.25
+    """Smallest downscale: the latent side is drawn uniformly from ceil(eq_scale_min x h) to h - 1 positions (EQ-VAE:
+    8 to 31 of 32, scales in [0.25, 1)); 1 leaves the size alone (rotation only)."""
+    eq_rotate: bool = True
+    """Turn equivariance batches by 90, 180 or 270 degrees as EQ-VAE does; false: scale equivariance only
+    (Skorokhodov et al., arXiv 2502.14831)."""
+    vf_weight: float = 0.0
+    """Vision-foundation alignment (VA-VAE's VF loss, arXiv 2501.01423): weight of the loss aligning a learned 1x1
+    projection of the latent with a frozen backbone's patch features (VA-VAE: 0.1; 0.5 in its first stage). 0: off."""
+    vf_backbone: str = "facebook/dinov2-large"
+    """The frozen backbone: a transformers vision model's Hub id or local folder (VA-VAE: DINOv2 ViT-L/14)."""
+    vf_image_size: int = 224
+    """Side the images are resized to for the backbone, a multiple of its patch size (224 with patch 14: a 16 x 16
+    feature grid, the latent grid of an f16 VAE at 256 px)."""
+    vf_cos_margin: float = 0.5
+    """m1 of the marginal cosine term: positions whose cosine similarity exceeds 1 - m1 cost nothing (VA-VAE: 0.5)."""
+    vf_distmat_margin: float = 0.25
+    """m2 of the marginal distance-matrix term: pairwise similarities within m2 of the features' cost nothing
+    (VA-VAE: 0.25)."""
+    vf_adaptive_weight: bool = True
+    """Scale vf_weight by ||grad rec|| / ||grad vf|| on the encoder's last layer, as VA-VAE does; false: vf_weight
+    alone."""
 
     def __post_init__(self) -> None:
         _require_choice(self.reconstruction, "loss.reconstruction")
@@ -246,17 +320,56 @@ class LossConfig:
         _require_choice(self.reconstruction_reduction, "loss.reconstruction_reduction")
         _require_choice(self.disc_loss, "loss.disc_loss")
         _require_choice(self.disc_norm, "loss.disc_norm")
+        _require_choice(self.disc_type, "loss.disc_type")
+        _require(self.disc_image_size > 0, "loss.disc_image_size", f"must be positive, got {self.disc_image_size}")
+        for key in ("disc_lecam_weight", "disc_r1_weight"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and value >= 0, f"loss.{key}", f"must be finite and >= 0, got {value}")
+        _require(
+            0 <= self.disc_lecam_decay < 1, "loss.disc_lecam_decay", f"must be in [0, 1), got {self.disc_lecam_decay}"
+        )
+        _require(self.disc_r1_every_steps >= 1, "loss.disc_r1_every_steps", "must be >= 1")
         for key in ("reconstruction_weight", "kl_weight", "perceptual_weight", "disc_weight", "disc_loss_weight"):
             value = getattr(self, key)
             _require(math.isfinite(value) and value >= 0, f"loss.{key}", f"must be finite and >= 0, got {value}")
         _require(self.disc_start_step >= 0, "loss.disc_start_step", "must be >= 0")
+        if self.disc_update_start_step is not None:
+            _require(
+                0 <= self.disc_update_start_step <= self.disc_start_step,
+                "loss.disc_update_start_step",
+                f"must be in [0, loss.disc_start_step={self.disc_start_step}] (the discriminator warms up before it "
+                f"plays), got {self.disc_update_start_step}",
+            )
         _require(self.adaptive_weight_max > 0, "loss.adaptive_weight_max", "must be > 0")
         _require(self.disc_channels > 0, "loss.disc_channels", "must be > 0")
         _require(self.disc_num_layers >= 1, "loss.disc_num_layers", "must be >= 1")
+        for key in ("eq_probability", "eq_low_res_probability"):
+            value = getattr(self, key)
+            _require(0 <= value <= 1, f"loss.{key}", f"is a probability, in [0, 1], got {value}")
+        _require(
+            math.isfinite(self.vf_weight) and self.vf_weight >= 0,
+            "loss.vf_weight",
+            f"must be finite and >= 0, got {self.vf_weight}",
+        )
+        _require(self.vf_image_size > 0, "loss.vf_image_size", f"must be positive, got {self.vf_image_size}")
+        for key in ("vf_cos_margin", "vf_distmat_margin"):
+            value = getattr(self, key)
+            _require(0 <= value < 2, f"loss.{key}", f"must be in [0, 2) (a cosine margin), got {value}")
+        _require(0 < self.eq_scale_min <= 1, "loss.eq_scale_min", f"must be in (0, 1], got {self.eq_scale_min}")
+        _require(
+            not (self.eq_probability > 0 and self.eq_scale_min == 1 and not self.eq_rotate),
+            "loss.eq_probability",
+            "with loss.eq_scale_min=1 and loss.eq_rotate=false no transform is left; lower eq_scale_min or rotate",
+        )
 
     @property
     def uses_discriminator(self) -> bool:
         return self.disc_weight > 0
+
+    @property
+    def disc_train_start_step(self) -> int:
+        """The optimizer step from which the discriminator trains (its warm-up start, else when it plays)."""
+        return self.disc_start_step if self.disc_update_start_step is None else self.disc_update_start_step
 
 
 @dataclass
@@ -449,6 +562,11 @@ class Config:
             "scales the adversarial term, but loss.disc_weight is 0 (no discriminator); set one or the other",
         )
         _require(
+            not (loss.disc_update_start_step is not None and loss.disc_weight == 0),
+            "loss.disc_update_start_step",
+            "warms up a discriminator, but loss.disc_weight is 0 (no discriminator); set one or the other",
+        )
+        _require(
             not (train.overwrite_output_dir and train.resume_from == "latest"),
             "train.overwrite_output_dir",
             "starts over and train.resume_from=latest continues the run in output_dir; choose one",
@@ -480,6 +598,31 @@ class Config:
             "train.diffusability_probe_steps",
             "needs held-out images: set data.validation_fraction (e.g. 0.01) or data.validation_split",
         )
+        self._require_room_to_downscale()
+        if loss.disc_weight == 0:
+            for key, on in (
+                ("disc_type", loss.disc_type != "patchgan"),
+                ("disc_diffaug", loss.disc_diffaug),
+                ("disc_lecam_weight", loss.disc_lecam_weight > 0),
+                ("disc_r1_weight", loss.disc_r1_weight > 0),
+            ):
+                _require(
+                    not on,
+                    f"loss.{key}",
+                    "shapes a discriminator, but loss.disc_weight is 0 (none); set one or the other",
+                )
+        if loss.vf_weight > 0 or (loss.disc_weight > 0 and loss.disc_type == "dino"):
+            _require(
+                importlib.util.find_spec("transformers") is not None,
+                "loss.vf_weight" if loss.vf_weight > 0 else "loss.disc_type",
+                "the backbone needs transformers (pip install 'vae-hf[vision]')",
+            )
+        if loss.vf_weight > 0:
+            _require(
+                not self.model.train_decoder_only,
+                "loss.vf_weight",
+                "aligns the latents, but model.train_decoder_only freezes the encoder that makes them; choose one",
+            )
         if self.model.pretrained is not None:
             defaults = ModelConfig()
             for key in ARCHITECTURE_KEYS:
@@ -489,6 +632,24 @@ class Config:
                     f"has no effect with model.pretrained={self.model.pretrained} (the architecture is the "
                     "pretrained VAE's); remove it",
                 )
+
+    def _require_room_to_downscale(self) -> None:
+        """Downscaled batches (EQ-VAE) must still fit LPIPS's VGG (16 px: four poolings) and the PatchGAN (two
+        logits across after its strided layers; the dino discriminator resizes its input itself)."""
+        loss = self.loss
+        if loss.eq_probability == 0 and loss.eq_low_res_probability == 0 or loss.eq_scale_min == 1:
+            return
+        smallest = math.ceil(loss.eq_scale_min * self.data.resolution)
+        needed = max(
+            16 if loss.perceptual_weight > 0 else 1,
+            2 ** (loss.disc_num_layers + 1) if loss.disc_weight > 0 and loss.disc_type == "patchgan" else 1,
+        )
+        _require(
+            smallest >= needed,
+            "loss.eq_scale_min",
+            f"downscales data.resolution={self.data.resolution} to {smallest} px, but LPIPS and the discriminator need "
+            f">= {needed} px; raise loss.eq_scale_min to {needed / self.data.resolution:g}",
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

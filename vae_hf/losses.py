@@ -97,3 +97,46 @@ def adaptive_disc_weight(
     epsilon = 1e-4 * scale(torch.ones((), device=nll_grads.device))
     weight = at_least_fp32(nll_grads).norm() / (at_least_fp32(g_grads).norm() + epsilon)
     return weight.clamp(0.0, max_weight).detach()
+
+
+def vf_loss(
+    projected: torch.Tensor, features: torch.Tensor, cos_margin: float = 0.5, distmat_margin: float = 0.25
+) -> torch.Tensor:
+    """VA-VAE's vision-foundation alignment loss (Yao et al., arXiv 2501.01423, eq. 2-4), its two terms summed.
+
+    `projected` is the projected latent P(z) (N, D, h, w), resized bilinearly to the feature grid of `features`
+    (N, D, h', w'). Marginal cosine: the mean over positions i of relu(1 - m1 - cos(P(z)_i, f_i)). Marginal
+    distance matrix: the mean over position pairs (i, j) of relu(|cos(P(z)_i, P(z)_j) - cos(f_i, f_j)| - m2). The
+    margins leave alignment that is good enough alone. The features are taken as fixed (detached).
+    """
+    projected = at_least_fp32(projected)
+    if projected.shape[-2:] != features.shape[-2:]:
+        projected = F.interpolate(projected, size=features.shape[-2:], mode="bilinear", align_corners=False)
+    latent = F.normalize(projected.flatten(2), dim=1)  # (N, D, L), unit vectors per position
+    feature = F.normalize(at_least_fp32(features).detach().flatten(2), dim=1)
+    cos = (latent * feature).sum(dim=1)  # (N, L)
+    cos_term = F.relu(1 - cos_margin - cos).mean()
+    latent_similarity = latent.transpose(1, 2) @ latent  # (N, L, L)
+    feature_similarity = feature.transpose(1, 2) @ feature
+    distmat_term = F.relu((latent_similarity - feature_similarity).abs() - distmat_margin).mean()
+    return cos_term + distmat_term
+
+
+def lecam_penalty(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, anchor_real: torch.Tensor, anchor_fake: torch.Tensor
+) -> torch.Tensor:
+    """LeCam regularisation (Tseng et al., CVPR 2021, eq. 3, in its official form): mean(relu(D(x) - a_fake)^2) +
+    mean(relu(a_real - D(x_rec))^2), with a_real, a_fake moving averages of the discriminator's mean real and fake
+    logits. It keeps the discriminator's predictions from drifting apart on limited data."""
+    logits_real, logits_fake = at_least_fp32(logits_real), at_least_fp32(logits_fake)
+    real = F.relu(logits_real - anchor_fake).pow(2).mean()
+    fake = F.relu(anchor_real - logits_fake).pow(2).mean()
+    return real + fake
+
+
+def r1_penalty(logits_real: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al., ICML 2018): the batch mean of ||grad_x D(x)||^2 on real images (which must require
+    grad), with a graph so that the discriminator trains on it. The logits are summed: each image's gradient is
+    that of its own logits."""
+    (gradients,) = torch.autograd.grad(at_least_fp32(logits_real).sum(), images, create_graph=True)
+    return gradients.float().pow(2).flatten(1).sum(dim=1).mean()

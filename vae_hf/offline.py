@@ -53,11 +53,17 @@ def is_local_path(source: str) -> bool:
     return "/" in source and Path(source.split("/", 1)[0]).is_dir()
 
 
-def require_cached_model(source: str, subfolder: str | None, what: str) -> None:
+# The weight files transformers' from_pretrained reads for a single-file model (sharded ones have an index).
+TRANSFORMERS_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def require_cached_model(
+    source: str, subfolder: str | None, what: str, weight_files: tuple[str, ...] = MODEL_WEIGHT_FILES
+) -> None:
     """In offline mode, raise OfflineError unless the Hub model's config and weights are in the local cache."""
     prefix = f"{subfolder}/" if subfolder else ""
     config = try_to_load_from_cache(source, f"{prefix}config.json")
-    weights = [try_to_load_from_cache(source, f"{prefix}{name}") for name in MODEL_WEIGHT_FILES]
+    weights = [try_to_load_from_cache(source, f"{prefix}{name}") for name in weight_files]
     if isinstance(config, str) and any(isinstance(found, str) for found in weights):
         return
     raise OfflineError(

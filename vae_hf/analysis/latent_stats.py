@@ -150,10 +150,16 @@ def config_to_write(model: str) -> Path:
 
 
 def write_factors(
-    config_path: Path, scaling_factor: float, shift_factor: float | None = None, measured_on: str = "data"
+    config_path: Path,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+    measured_on: str = "data",
+    channel_stats: tuple[list[float], list[float]] | None = None,
 ) -> None:
     """Set scaling_factor (and shift_factor, when given) in config.json, keeping every other key, and say where
-    they came from (`measured_on`, e.g. "64 images of DIR at 256 px") under FACTORS_SOURCE_KEY.
+    they came from (`measured_on`, e.g. "64 images of DIR at 256 px") under FACTORS_SOURCE_KEY. `channel_stats`
+    (per-channel means and stds) are written as `latents_mean` / `latents_std`, diffusers' keys for the per-channel
+    normalisation SD3- and Wan-style pipelines apply.
 
     Written to a temporary file beside it and renamed over it: a crash never leaves half a config.
     """
@@ -164,6 +170,9 @@ def write_factors(
     if shift_factor is not None:
         config["shift_factor"] = shift_factor
         sources["shift_factor"] = source
+    if channel_stats is not None:
+        config["latents_mean"], config["latents_std"] = (list(values) for values in channel_stats)
+        sources["latents_mean"] = sources["latents_std"] = source
     config[FACTORS_SOURCE_KEY] = sources
     handle, temporary = tempfile.mkstemp(dir=Path(config_path).parent, prefix=".config.json.", suffix=".tmp")
     try:

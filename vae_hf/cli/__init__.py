@@ -88,6 +88,9 @@ def _add_latent_stats(commands) -> None:
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
     parser.add_argument("--write", action="store_true", help="store scaling_factor in the model's config.json")
     parser.add_argument("--shift", action="store_true", help="with --write, also store shift_factor = mean")
+    parser.add_argument(
+        "--channels", action="store_true", help="with --write, also store per-channel latents_mean and latents_std"
+    )
     parser.set_defaults(
         run=lambda args: _command("latent_stats", "latent_stats_command")(
             args.model,
@@ -98,6 +101,7 @@ def _add_latent_stats(commands) -> None:
             args.num_workers,
             args.write,
             args.shift,
+            args.channels,
         )
     )
 

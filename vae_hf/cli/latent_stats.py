@@ -26,10 +26,11 @@ def latent_stats_command(
     num_workers: int = 0,
     write: bool = False,
     shift: bool = False,
+    channels: bool = False,
 ) -> int:
     """`vae-hf latent-stats`: measure, print, and with `--write` store the factors in config.json."""
-    if shift and not write:
-        raise LatentStatsError("--shift chooses what --write stores; add --write")
+    if (shift or channels) and not write:
+        raise LatentStatsError(f"{'--shift' if shift else '--channels'} chooses what --write stores; add --write")
     if batch_size < 1 or num_workers < 0 or (max_images is not None and max_images < 1):
         raise LatentStatsError("--batch-size and --max-images must be >= 1, --num-workers >= 0")
     config_path = config_to_write(model) if write else None
@@ -53,7 +54,11 @@ def latent_stats_command(
     print(report(stats, vae, batches.skipped, resolution))
     if config_path is not None:
         measured_on = f"{stats['images']} images of {data} at {resolution} px"
-        write_factors(config_path, stats["scaling_factor"], stats["shift_factor"] if shift else None, measured_on)
-        written = "scaling_factor and shift_factor" if shift else "scaling_factor"
+        channel_stats = (stats["channel_mean"], stats["channel_std"]) if channels else None
+        shift_factor = stats["shift_factor"] if shift else None
+        write_factors(config_path, stats["scaling_factor"], shift_factor, measured_on, channel_stats)
+        written = ", ".join(
+            ["scaling_factor"] + ["shift_factor"] * shift + ["latents_mean and latents_std (per channel)"] * channels
+        )
         print(f"wrote {written} to {config_path}")
     return 0

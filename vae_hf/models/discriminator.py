@@ -44,3 +44,19 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.BatchNorm2d):
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)
+
+
+class LeCamAnchors(nn.Module):
+    """The moving averages of the discriminator's mean real and fake logits that LeCam regularisation pulls towards
+    (`loss.disc_lecam_weight`). Buffers of the discriminator, so checkpoints carry them and a resumed run continues
+    them."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("real", torch.zeros(()))
+        self.register_buffer("fake", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor, decay: float) -> None:
+        self.real.lerp_(logits_real.float().mean(), 1 - decay)
+        self.fake.lerp_(logits_fake.float().mean(), 1 - decay)

@@ -19,6 +19,7 @@ from torch import nn
 from vae_hf.config import ModelConfig
 from vae_hf.errors import UserError
 from vae_hf.io.single_file import load_single_file
+from vae_hf.models.latents import LOW_RESOLUTION, PLAIN, BatchTransform, noisy_latents
 from vae_hf.offline import OfflineError, hub_offline_mode, is_local_path, require_cached_model, require_hub
 
 
@@ -42,6 +43,8 @@ def build_vae(config: ModelConfig, resolution: int) -> AutoencoderKL:
             latent_channels=config.latent_channels,
             norm_num_groups=config.norm_num_groups,
             sample_size=resolution,
+            use_quant_conv=config.use_quant_conv,
+            use_post_quant_conv=config.use_post_quant_conv,
         )
     if config.train_decoder_only:
         freeze_encoder(vae)
@@ -91,6 +94,11 @@ def decoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
     return vae.decoder.conv_out.weight
 
 
+def encoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
+    """The weight VA-VAE's adaptive VF weight is measured on."""
+    return vae.encoder.conv_out.weight
+
+
 def encoder_fingerprint(vae: AutoencoderKL) -> str:
     """SHA-256 of the encoder's and quant_conv's weights: the part that maps images to latents."""
     digest = hashlib.sha256()
@@ -105,6 +113,10 @@ def encoder_fingerprint(vae: AutoencoderKL) -> str:
 class VAEOutput(NamedTuple):
     reconstructions: torch.Tensor
     posterior: DiagonalGaussianDistribution
+    targets: torch.Tensor  # what the reconstructions are compared with: the images, or their transform
+    latents: torch.Tensor  # the posterior's sample (or mean), before any transform or noise
+    inputs: torch.Tensor  # the images encoded (downscaled in a low-resolution batch)
+    projected: torch.Tensor | None  # the latents through the VF projection (loss.vf_weight), else None
 
 
 class VAETrainingModule(nn.Module):
@@ -115,18 +127,48 @@ class VAETrainingModule(nn.Module):
     `forward` lets the trainer call the prepared (DDP) module and still see the posterior for the KL.
     """
 
-    def __init__(self, vae: AutoencoderKL, sample_posterior: bool = True, learn_logvar: bool = False):
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        sample_posterior: bool = True,
+        learn_logvar: bool = False,
+        noise_tau: float = 0.0,
+        vf_features: int | None = None,
+    ):
         super().__init__()
         self.vae = vae
         self.sample_posterior = sample_posterior
+        self.noise_tau = noise_tau
+        # VA-VAE's projection of the latent to a backbone's feature width (`loss.vf_weight`): trained and checkpointed
+        # with the VAE, not part of the exported AutoencoderKL
+        self.vf_projection = (
+            nn.Conv2d(vae.config.latent_channels, vf_features, kernel_size=1) if vf_features is not None else None
+        )
         # LDM's learnable log-variance of the reconstruction (`loss.learn_logvar`): trained and checkpointed with
         # the VAE, not part of the exported AutoencoderKL
         self.logvar = nn.Parameter(torch.zeros(())) if learn_logvar else None
         self.encoder_frozen = not any(p.requires_grad for p in vae.encoder.parameters())
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, transform: BatchTransform = PLAIN
+    ) -> VAEOutput:
+        """`transform` is this batch's spatial transform (`vae_hf.models.latents`); the posterior noise, then
+        the decoder's latent noise, are drawn from `generator` in that order."""
+        factor = self.downsample_factor
+        if transform.kind == LOW_RESOLUTION:
+            images = transform.apply(images, factor)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
             posterior = self.vae.encode(images).latent_dist
         latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
-        reconstructions = self.vae.decode(latents).sample
-        return VAEOutput(reconstructions, posterior)
+        decoded, targets = latents, images
+        if transform.kind is not None and transform.kind != LOW_RESOLUTION:
+            decoded, targets = transform.apply(latents), transform.apply(images, factor)
+        if self.noise_tau > 0:
+            decoded = noisy_latents(decoded, self.noise_tau, generator)
+        reconstructions = self.vae.decode(decoded).sample
+        projected = self.vf_projection(latents) if self.vf_projection is not None else None
+        return VAEOutput(reconstructions, posterior, targets, latents, images, projected)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)

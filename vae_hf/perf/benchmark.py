@@ -16,6 +16,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from vae_hf.config import Config
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
 from vae_hf.errors import UserError
+from vae_hf.models.diffaug import diff_augment
 from vae_hf.models.vae import build_vae
 from vae_hf.perf.floor import floor_step
 from vae_hf.perf.memory import (
@@ -53,6 +55,22 @@ served from the page cache, measured 39,324 images/s."""
 # The trainer's periodic work, by the method that does it: the benchmark counts what falls inside its timed steps.
 PERIODIC_WORK = {"save_vae": "VAE exports", "save_checkpoint": "checkpoints", "write_sample": "samples",
                  "evaluate": "evaluations"}  # fmt: skip
+
+
+# The latent-space terms (docs/latent-space.md) whose cost the speed section reports when the recipe has them on:
+# whether a config has it, and the settings that switch it off.
+LATENT_TERMS: dict[str, tuple[Callable[[Config], bool], dict[str, dict[str, Any]]]] = {
+    "equivariance": (
+        lambda c: c.loss.eq_probability > 0 or c.loss.eq_low_res_probability > 0,
+        {"loss": {"eq_probability": 0.0, "eq_low_res_probability": 0.0}},
+    ),
+    "decoder_noise": (lambda c: c.model.decoder_noise_tau > 0, {"model": {"decoder_noise_tau": 0.0}}),
+    "vf_loss": (lambda c: c.loss.vf_weight > 0, {"loss": {"vf_weight": 0.0}}),
+    "dino_discriminator": (lambda c: c.loss.disc_type == "dino", {"loss": {"disc_type": "patchgan"}}),
+    "diffaug": (lambda c: c.loss.disc_diffaug, {"loss": {"disc_diffaug": False}}),
+    "lecam": (lambda c: c.loss.disc_lecam_weight > 0, {"loss": {"disc_lecam_weight": 0.0}}),
+    "r1": (lambda c: c.loss.disc_r1_weight > 0, {"loss": {"disc_r1_weight": 0.0}}),
+}
 
 
 class BenchError(UserError, ValueError):
@@ -116,7 +134,27 @@ def _speed(config: Config, steps: int, warmup: int, peak_tflops: float | None) -
     report["flops_per_step_disc_on"] = _flops(trainer)
     report["mfu_disc_on"] = _mfu(report["flops_per_step_disc_on"], report, trainer.accelerator.device, peak_tflops)
     report["peak_memory_mb"] = _peak_memory_mb(trainer.accelerator.device)
+    report["latent_terms"] = _latent_term_costs(config, warmup, report)
     return report
+
+
+def _latent_term_costs(config: Config, warmup: int, report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """For each latent-space term the recipe has on, the trainer's and the bare loop's s/step with the
+    discriminator on and that term alone switched off, and what the term adds (against the run with every term)."""
+    costs = {}
+    for name, (is_on, off) in LATENT_TERMS.items():
+        if not is_on(config):
+            continue
+        without = replace(config, **{part: replace(getattr(config, part), **values) for part, values in off.items()})
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer_rates, bare_rates = _time_interleaved(_trainer(without, disc_start=0), warmup, True)
+        costs[name] = {
+            "trainer_s_per_step_without": trainer_rates["s_per_step"],
+            "bare_s_per_step_without": bare_rates["s_per_step"],
+            "trainer_extra_s_per_step": report["trainer_disc_on"]["s_per_step"] - trainer_rates["s_per_step"],
+            "bare_extra_s_per_step": report["bare_disc_on"]["s_per_step"] - bare_rates["s_per_step"],
+        }
+    return costs
 
 
 def memory_section(config: Config, device: torch.device, budget_gb: float | None = None) -> dict[str, Any]:
@@ -210,7 +248,9 @@ def _trainer(config: Config, disc_start: int) -> Trainer:
 
     AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator at a time
     GradientState._reset_state()
-    return Trainer(replace(config, loss=replace(config.loss, disc_start_step=disc_start)))
+    # the discriminator's warm-up is timed as its playing steps are: both run its full update
+    loss = replace(config.loss, disc_start_step=disc_start, disc_update_start_step=None)
+    return Trainer(replace(config, loss=loss))
 
 
 def _time_interleaved(trainer: Trainer, warmup: int, disc_on: bool) -> tuple[dict[str, float], dict[str, float]]:
@@ -240,7 +280,7 @@ def _time_interleaved(trainer: Trainer, warmup: int, disc_on: bool) -> tuple[dic
 def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool):
     """The unavoidable work of one optimizer step (its accumulated micro-batches), on fresh fused Adam
     optimizers over the trainer's models."""
-    vae, disc = trainer.vae, trainer.discriminator if disc_on else None
+    vae, disc = trainer.vae_player.module, trainer.discriminator if disc_on else None  # with its latent noise
     fused = {"fused": True} if images.device.type in ("cuda", "cpu") else {}
     opt_g = torch.optim.Adam([p for p in vae.parameters() if p.requires_grad], lr=1e-9, **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-9, **fused) if disc is not None else None
@@ -254,6 +294,7 @@ def _floor_optimizer_step(trainer: Trainer, images: torch.Tensor, disc_on: bool)
         images,
         trainer.autocast,  # the trainer's own precision, as its steps run
         sample_posterior=trainer.config.model.sample_posterior,
+        augment=diff_augment if trainer.config.loss.disc_diffaug else None,  # drawn from the global generator
     )
     accumulation = trainer.config.train.gradient_accumulation_steps
 
@@ -370,6 +411,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "trainer_disc_off" in report:
         tables.append(_speed_table(report))
         tables.append(_periodic_work_line(report["periodic_work"]))
+        if report.get("latent_terms"):
+            tables.append(_latent_terms_table(report["latent_terms"]))
     elif "data_loader" in report:
         tables.append(_loader_line(report["data_loader"]))
     if "memory" in report:
@@ -389,6 +432,20 @@ def _speed_table(report: dict[str, Any]) -> str:
     mfu = report["mfu_disc_on"]
     rows.append(f"| MFU | | {'n/a (peak unknown)' if mfu is None else f'{mfu:.1%}'} |")
     rows.append(f"| data loader images/s | {_rate(report['data_loader'])} | |")
+    return "\n".join(rows)
+
+
+def _latent_terms_table(terms: dict[str, dict[str, float]]) -> str:
+    """What each latent-space term costs, the discriminator on: s/step without it, and what it adds."""
+    rows = [
+        "| latent-space term | trainer s/step without it | adds (trainer) | bare s/step without it | adds (bare) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, cost in terms.items():
+        rows.append(
+            f"| {name} | {cost['trainer_s_per_step_without']:.4f} | {cost['trainer_extra_s_per_step']:+.4f} | "
+            f"{cost['bare_s_per_step_without']:.4f} | {cost['bare_extra_s_per_step']:+.4f} |"
+        )
     return "\n".join(rows)
 
 

@@ -10,10 +10,12 @@ exports, pushes) and `Validator` (held-out scores).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
@@ -28,11 +30,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
-from vae_hf.game import Game, autocast
+from vae_hf.game import Alignment, Game, autocast
 from vae_hf.io.hub import require_push_access
-from vae_hf.models.discriminator import PatchDiscriminator
+from vae_hf.models.backbone import load_backbone, require_backbone
+from vae_hf.models.diffaug import diff_augment
+from vae_hf.models.dino_discriminator import build_dino_discriminator
+from vae_hf.models.discriminator import LeCamAnchors, PatchDiscriminator
+from vae_hf.models.latents import BatchTransform
 from vae_hf.models.perceptual import VGG_WEIGHTS, build_lpips, require_vgg_weights, resolve_pretrained
-from vae_hf.models.vae import VAETrainingModule, build_vae, decoder_last_layer, encoder_fingerprint
+from vae_hf.models.vae import (
+    VAETrainingModule,
+    build_vae,
+    decoder_last_layer,
+    encoder_fingerprint,
+    encoder_last_layer,
+)
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 from vae_hf.parallel.fsdp import ShardingUnits, gathered
 from vae_hf.train import run_folder
@@ -49,6 +61,9 @@ from vae_hf.train.validation import Validator
 
 logger = logging.getLogger(__name__)
 
+TRANSFORM_STREAM = 1  # mixed into the seed of the batch transforms: a stream apart from the posterior noise's
+AUGMENT_STREAM = 2  # and into DiffAugment's
+
 
 def require_supported_distribution(accelerator: Accelerator, config: Config) -> dict | None:
     """DDP, FSDP2 and DeepSpeed ZeRO-2 train both players; refuse the launch setups that cannot, before
@@ -58,6 +73,8 @@ def require_supported_distribution(accelerator: Accelerator, config: Config) -> 
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     if sharded and config.loss.learn_logvar:
         raise ConfigError("loss.learn_logvar: runs on one process or under DDP, not FSDP or DeepSpeed")
+    if sharded and config.loss.vf_weight > 0:
+        raise ConfigError("loss.vf_weight: runs on one process or under DDP, not FSDP or DeepSpeed")
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
     return engine_config(
@@ -77,6 +94,10 @@ class Trainer:
         self.perceptual_choice = self._decide_perceptual_trunk()
         if config.loss.perceptual_weight > 0 and config.loss.perceptual_pretrained:
             require_vgg_weights()  # fail in a second, not after the data and models are built
+        if config.loss.vf_weight > 0:
+            require_backbone(config.loss.vf_backbone, "loss.vf_backbone")
+        if config.loss.disc_weight > 0 and config.loss.disc_type == "dino":
+            require_backbone(config.loss.disc_backbone, "loss.disc_backbone")
         # TF32: 10-bit mantissa matmuls/convolutions, about 8x the fp32 rate on Ampere+; a global switch
         torch.backends.cuda.matmul.allow_tf32 = config.train.allow_tf32
         torch.backends.cudnn.allow_tf32 = config.train.allow_tf32
@@ -207,7 +228,12 @@ class Trainer:
             if config.loss.perceptual_weight > 0
             else None
         )
-        self.game = Game(config.loss, self.lpips)
+        self.vf_backbone = (
+            load_backbone(config.loss.vf_backbone, config.loss.vf_image_size).to(accelerator.device)
+            if config.loss.vf_weight > 0
+            else None
+        )
+        self.game = Game(config.loss, self.lpips, self.vf_backbone)
         if config.train.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
         self.memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
@@ -219,24 +245,41 @@ class Trainer:
         # What a decoder-only fine-tune must never change: checked again at every export.
         self.encoder_fingerprint = encoder_fingerprint(vae) if config.model.train_decoder_only else None
         self.vae_player = self._player(
-            VAETrainingModule(vae, config.model.sample_posterior, config.loss.learn_logvar),
+            VAETrainingModule(
+                vae,
+                config.model.sample_posterior,
+                config.loss.learn_logvar,
+                config.model.decoder_noise_tau,
+                self.vf_backbone.feature_dim if self.vf_backbone is not None else None,
+            ),
             config.optim.lr,
             self.total_steps,
         )
         self.ema = EMA(vae, config.train.ema_decay) if config.train.ema_decay is not None else None
         self.disc_player = None
         if config.loss.disc_weight > 0:
-            discriminator = PatchDiscriminator(
-                3, config.loss.disc_channels, config.loss.disc_num_layers, config.loss.disc_norm
-            )
+            discriminator = self._build_discriminator()
             if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
                 discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
             discriminator.to(memory_format=self.memory_format)
             if config.train.compile:
                 self._compile(discriminator)
-            # its schedule (warm-up, decay) runs over the steps it plays, from loss.disc_start_step to the end
-            disc_steps = max(self.total_steps - config.loss.disc_start_step, 1)
+            # its schedule (warm-up, decay) runs over the steps it trains, from its first update to the end
+            disc_steps = max(self.total_steps - config.loss.disc_train_start_step, 1)
             self.disc_player = self._player(discriminator, config.optim.disc_lr or config.optim.lr, disc_steps)
+
+    def _build_discriminator(self) -> nn.Module:
+        """The PatchGAN, or heads on a frozen DINO ViT (`loss.disc_type`), with LeCam's anchors when asked."""
+        loss = self.config.loss
+        if loss.disc_type == "dino":
+            discriminator = build_dino_discriminator(
+                loss.disc_backbone, loss.disc_image_size, loss.disc_channels, second_order=loss.disc_r1_weight > 0
+            )
+        else:
+            discriminator = PatchDiscriminator(3, loss.disc_channels, loss.disc_num_layers, loss.disc_norm)
+        if loss.disc_lecam_weight > 0:
+            discriminator.lecam = LeCamAnchors()  # buffers: checkpointed with the discriminator
+        return discriminator
 
     def _compile(self, *modules: nn.Module | None) -> None:
         """Compile in place (`Module.compile`): parameter names, checkpoints and exports stay as in eager mode.
@@ -312,6 +355,12 @@ class Trainer:
         """The reference recipe switches the discriminator on after 15,000 micro-batches, i.e. 3,750 steps of 4."""
         return self.disc_player is not None and self.progress.global_step >= self.config.loss.disc_start_step
 
+    @property
+    def disc_training(self) -> bool:
+        """The discriminator learns from `loss.disc_update_start_step` (a warm-up before it plays), else from
+        `loss.disc_start_step`."""
+        return self.disc_player is not None and self.progress.global_step >= self.config.loss.disc_train_start_step
+
     def autocast(self):
         return autocast(self.accelerator.device.type, self.config.train.mixed_precision)
 
@@ -320,26 +369,58 @@ class Trainer:
 
     def training_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Generator update, then discriminator update; returns the detached loss breakdown."""
-        disc_active = self.disc_active
+        disc_active, disc_training = self.disc_active, self.disc_training
+        transform = self.batch_transform(images)
+        augment = self._augment()
         with self.autocast():
-            reconstructions, posterior = self.vae_player.wrapped(images, generator=self._noise_generator())
-            g_loss, breakdown = self.generator_loss(images, reconstructions, posterior, disc_active)
+            output = self.vae_player.wrapped(images, generator=self._noise_generator(), transform=transform)
+            reconstructions, images = output.reconstructions, output.targets  # the images, or their transform
+            g_loss, breakdown = self.generator_loss(
+                images, reconstructions, output.posterior, disc_active, self.alignment(output), augment
+            )
         self.vae_player.backward(self.accelerator, g_loss)
         if self.accelerator.sync_gradients:
             updated, breakdown["grad_norm"] = self.vae_player.step(self.accelerator)
             self._count_nonfinite(updated)
             if self.ema is not None:
                 self.ema.update(self.vae, applied=updated)
-        if disc_active:
-            breakdown.update(self.discriminator_step(images, reconstructions.detach()))
+        if disc_training:
+            breakdown.update(self.discriminator_step(images, reconstructions.detach(), augment))
         return breakdown
+
+    def batch_transform(self, images: torch.Tensor) -> BatchTransform:
+        """This micro-batch's spatial transform (EQ-VAE), drawn on the host from (seed, micro-batch, process) like
+        the posterior noise, so a resumed run draws what it would have."""
+        seed = image_datasets.sample_seed(
+            self.config.seed, self.progress.micro_step, self.accelerator.process_index, TRANSFORM_STREAM
+        )
+        factor = self.vae_player.module.downsample_factor
+        return self.game.draw_transform(random.Random(seed), (images.shape[-2] // factor, images.shape[-1] // factor))
+
+    def _augment(self):
+        """DiffAugment for this micro-batch (`loss.disc_diffaug`), drawn from (seed, micro-batch, process) like the
+        posterior noise; None without it."""
+        if not self.config.loss.disc_diffaug:
+            return None
+        seed = image_datasets.sample_seed(
+            self.config.seed, self.progress.micro_step, self.accelerator.process_index, AUGMENT_STREAM
+        )
+        return functools.partial(diff_augment, generator=torch.Generator(self.accelerator.device).manual_seed(seed))
 
     def _noise_generator(self) -> torch.Generator:
         """Posterior noise from (seed, micro-batch, process), so a resumed run draws what it would have."""
         seed = image_datasets.sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index)
         return torch.Generator(self.accelerator.device).manual_seed(seed)
 
-    def generator_loss(self, images, reconstructions, posterior, disc_active: bool):
+    def alignment(self, output) -> Alignment | None:
+        """What the VF loss needs from this forward (None when `loss.vf_weight` is 0)."""
+        if output.projected is None:
+            return None
+        return Alignment(output.projected, output.inputs, encoder_last_layer(self.vae))
+
+    def generator_loss(
+        self, images, reconstructions, posterior, disc_active: bool, alignment: Alignment | None = None, augment=None
+    ):
         """The game's generator loss; before `loss.disc_start_step` the discriminator is not even run."""
         return self.game.generator_loss(
             images,
@@ -350,13 +431,22 @@ class Trainer:
             side_gradients=self.vae_player.side_gradients,
             loss_scale=None if self.vae_player.scaler is None else self.vae_player.scaler.scale,
             logvar=self.vae_player.module.logvar,
+            alignment=alignment,
+            augment=augment,
         )
 
-    def discriminator_step(self, images: torch.Tensor, reconstructions: torch.Tensor) -> dict[str, torch.Tensor]:
+    def discriminator_step(
+        self, images: torch.Tensor, reconstructions: torch.Tensor, augment=None
+    ) -> dict[str, torch.Tensor]:
         """The discriminator learns on detached reconstructions: none of its loss reaches the VAE."""
-        player = self.disc_player
+        player, loss = self.disc_player, self.config.loss
+        r1_due = loss.disc_r1_weight > 0 and self.progress.global_step % loss.disc_r1_every_steps == 0
+        # lazy R1 (StyleGAN2): every k-th step, k times as strong
+        r1_scale = loss.disc_r1_weight / 2 * loss.disc_r1_every_steps if r1_due else 0.0
         with self.autocast():
-            d_loss, breakdown = self.game.discriminator_loss(player.wrapped, images, reconstructions)
+            d_loss, breakdown = self.game.discriminator_loss(
+                player.wrapped, images, reconstructions, augment, getattr(player.module, "lecam", None), r1_scale
+            )
         player.backward(self.accelerator, d_loss)
         if self.accelerator.sync_gradients:
             updated, breakdown["disc_grad_norm"] = player.step(self.accelerator)
@@ -526,8 +616,8 @@ class Trainer:
         for callback in self.step_callbacks:
             callback(self)
         self.vae_player.advance_schedule()
-        if self.disc_player is not None and self.progress.global_step > self.config.loss.disc_start_step:
-            self.disc_player.advance_schedule()  # only for the steps it played
+        if self.disc_player is not None and self.progress.global_step > self.config.loss.disc_train_start_step:
+            self.disc_player.advance_schedule()  # only for the steps it trained
         bar.update(1)
         train = self.config.train
         if self.progress.global_step % train.log_every_steps == 0 or self.progress.global_step == self.total_steps:
@@ -601,9 +691,15 @@ class Trainer:
             if self.disc_player is None
             else {"channels": loss.disc_channels, "num_layers": loss.disc_num_layers, "norm": loss.disc_norm}
         )
+        if disc is not None and loss.disc_type != "patchgan":  # keys only when on: older checkpoints keep resuming
+            disc.update(type=loss.disc_type, backbone=loss.disc_backbone, image_size=loss.disc_image_size)
+        if disc is not None and loss.disc_lecam_weight > 0:
+            disc["lecam"] = True
         shape = model_shape(dict(self.vae.config), disc)
         if loss.learn_logvar:  # the key only when on, so that checkpoints without it keep resuming
             shape["learn_logvar"] = True
+        if self.vf_backbone is not None:  # the projection's shape, which a checkpoint must match
+            shape["vf_projection"] = [self.vae.config.latent_channels, self.vf_backbone.feature_dim]
         return shape
 
     def save_checkpoint(self) -> Path:
