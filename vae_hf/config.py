@@ -145,7 +145,8 @@ class DataConfig:
     split: str = "train"
     """Dataset split to train on."""
     image_column: str = "image"
-    """Column holding the images."""
+    """Column holding the images. When the data has no `image` column (the default), its only image column is used
+    (WebDataset shards name it by extension, e.g. `jpg`), with a warning; a column named otherwise must exist."""
     streaming: bool = False
     """Stream a Hub dataset instead of downloading it first (needs train.max_steps)."""
     resolution: int = 256

@@ -79,17 +79,19 @@ def local_builder(folder: Path) -> str:
 
 
 _announced_columns: set[tuple[str, str]] = set()
+DEFAULT_IMAGE_COLUMN = DataConfig.image_column
 
 
 def _with_image_column(dataset, config: DataConfig):
-    """The dataset with its images, left undecoded, under `data.image_column`: the named column, else its only image
-    column (WebDataset shards name it by extension, `jpg` or `png`), renamed; else a one-line error. (The column is
+    """The dataset with its images, left undecoded, under `data.image_column`: the named column, else (when that is
+    the default, `image`) its only image column (WebDataset shards name it by extension, `jpg` or `png`), renamed;
+    else a one-line error. (The column is
     cast before it is renamed: a stream renamed first decodes its images despite the cast.)"""
     columns = dataset.column_names or list(dataset.features or {})
     if config.image_column in columns:
         return dataset.cast_column(config.image_column, ImageFeature(decode=False))
     images = [name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)]
-    if len(images) == 1:
+    if len(images) == 1 and config.image_column == DEFAULT_IMAGE_COLUMN:  # a column named by the user is not guessed
         if (config.dataset, images[0]) not in _announced_columns:
             _announced_columns.add((config.dataset, images[0]))
             logger.warning(
