@@ -143,26 +143,35 @@ def _add_push(commands) -> None:
     )
 
 
-def _add_evaluate(commands) -> None:
-    parser = commands.add_parser("evaluate", help="PSNR, SSIM, LPIPS and rFID of reconstructions, a row per model")
+def _add_models_and_images(parser: argparse.ArgumentParser, repeat_help: str) -> None:
+    """The options of the commands that score several models on the same images (evaluate, diffusability)."""
     parser.add_argument(
         "--model",
         action="append",
         required=True,
         dest="models",
         metavar="MODEL",
-        help="diffusers folder, Hub id, or .safetensors; repeat to compare models side by side",
+        help=f"diffusers folder, Hub id, or .safetensors; {repeat_help}",
     )
     parser.add_argument("--data", required=True, help="local image folder or Hub dataset id")
     parser.add_argument("--split", default="train", help="dataset split")
     parser.add_argument("--image-column", default="image", help="column holding the images")
     parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (a multiple of the VAE's f)")
-    parser.add_argument("--max-images", type=int, default=None, help="stop after N usable images")
-    parser.add_argument("--metrics", default=",".join(CHOICES["train.eval_metrics"]), help="comma-separated subset")
+
+
+def _add_batching_and_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
     parser.add_argument("--perceptual-random", action="store_true", help="random VGG trunk for LPIPS (offline tests)")
     parser.add_argument("--out", default=None, help="JSON file for the results")
+
+
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser("evaluate", help="PSNR, SSIM, LPIPS and rFID of reconstructions, a row per model")
+    _add_models_and_images(parser, "repeat to compare models side by side")
+    parser.add_argument("--max-images", type=int, default=None, help="stop after N usable images")
+    parser.add_argument("--metrics", default=",".join(CHOICES["train.eval_metrics"]), help="comma-separated subset")
+    _add_batching_and_output(parser)
     parser.set_defaults(
         run=lambda args: _command("evaluate", "run_evaluation")(
             _command("evaluate", "EvaluationRequest")(
@@ -186,18 +195,7 @@ def _add_diffusability(commands) -> None:
     parser = commands.add_parser(
         "diffusability", help="how learnable a VAE's latents are: spectrum, equivariance, noise, channels, probe"
     )
-    parser.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        dest="models",
-        metavar="MODEL",
-        help="diffusers folder, Hub id, or .safetensors; repeat to compare models on the same images and budget",
-    )
-    parser.add_argument("--data", required=True, help="local image folder or Hub dataset id")
-    parser.add_argument("--split", default="train", help="dataset split")
-    parser.add_argument("--image-column", default="image", help="column holding the images")
-    parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (a multiple of the VAE's f)")
+    _add_models_and_images(parser, "repeat to compare models on the same images and budget")
     parser.add_argument("--max-images", type=int, default=256, help="use the first N usable images (held in memory)")
     parser.add_argument("--probe-steps", type=int, default=1000, help="diffusion probe steps (0: no probe)")
     parser.add_argument("--probe-width", type=int, default=64, help="channels of the probe UNet's first level")
@@ -206,10 +204,7 @@ def _add_diffusability(commands) -> None:
         "--fid-samples", type=int, default=None, help="probe samples for FID (default: one per held-out image; 0: none)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe and of the latent noise")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
-    parser.add_argument("--perceptual-random", action="store_true", help="random VGG trunk for LPIPS (offline tests)")
-    parser.add_argument("--out", default=None, help="JSON file for the results")
+    _add_batching_and_output(parser)
     parser.add_argument(
         "--plots", default=None, metavar="DIR", help="folder for spectra.png, latent_pca.png and probe_loss.png"
     )

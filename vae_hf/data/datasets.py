@@ -38,8 +38,6 @@ def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset 
     if is_local(config.dataset):
         folder = Path(config.dataset).expanduser()
         builder = local_builder(folder)
-        if builder == "imagefolder":
-            require_image_files(folder)
         dataset = _load(
             lambda: load_dataset(builder, data_dir=str(folder), split=split, streaming=config.streaming),
             config.dataset,
@@ -67,15 +65,33 @@ SHARD_BUILDERS = {".tar": "webdataset", ".parquet": "parquet"}
 def local_builder(folder: Path) -> str:
     """The `datasets` builder that reads a local folder: `webdataset` for .tar shards, `parquet` for Parquet
     files, else `imagefolder` (image files, read recursively). Splits follow the files' names as `datasets`
-    infers them (`train-00000.tar`, `validation/...`; one `train` split otherwise)."""
-    found = set()
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith((".", "__")) for part in path.relative_to(folder).parts)
-        if not hidden and path.suffix.lower() in SHARD_BUILDERS and path.is_file():
-            found.add(SHARD_BUILDERS[path.suffix.lower()])
+    infers them (`train-00000.tar`, `validation/...`; one `train` split otherwise). An image folder without
+    images stops with one line (the builder's own message, `Instruction "train" corresponds to no data!`, names
+    neither the folder nor what it looks for). One walk of the folder tells both."""
+    found, has_images = set(), False
+    for path in _visible_files(folder):
+        suffix = path.suffix.lower()
+        if suffix in SHARD_BUILDERS:
+            found.add(SHARD_BUILDERS[suffix])
+        has_images = has_images or suffix in IMAGE_EXTENSIONS
     if len(found) > 1:
         raise DataError(f"data.dataset: {folder} holds both WebDataset (.tar) and Parquet files; give each its folder")
-    return found.pop() if found else "imagefolder"
+    if found:
+        return found.pop()
+    if not has_images:
+        raise DataError(
+            f"data.dataset: no image files in {folder} (read recursively: {', '.join(COMMON_EXTENSIONS)} and the "
+            f"other {len(IMAGE_EXTENSIONS) - len(COMMON_EXTENSIONS)} extensions Pillow opens)"
+        )
+    return "imagefolder"
+
+
+def _visible_files(folder: Path):
+    """The files below `folder` the `datasets` builders read: hidden files and folders (`.name`, `__name`) left out."""
+    for path in folder.rglob("*"):
+        hidden = any(part.startswith((".", "__")) for part in path.relative_to(folder).parts)
+        if not hidden and path.is_file():
+            yield path
 
 
 _announced_columns: set[tuple[str, str]] = set()
@@ -108,19 +124,6 @@ def _with_image_column(dataset, config: DataConfig):
 # What the `imagefolder` builder reads: every extension Pillow opens, in any case, hidden files and folders left out.
 IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
 COMMON_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def require_image_files(folder: Path) -> None:
-    """Stop with one line when a local folder holds no file the `imagefolder` builder would read (its own message,
-    `Instruction "train" corresponds to no data!`, names neither the folder nor what it looks for)."""
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith((".", "__")) for part in path.relative_to(folder).parts)
-        if not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            return
-    raise DataError(
-        f"data.dataset: no image files in {folder} (read recursively: {', '.join(COMMON_EXTENSIONS)} and the "
-        f"other {len(IMAGE_EXTENSIONS) - len(COMMON_EXTENSIONS)} extensions Pillow opens)"
-    )
 
 
 def _load(loader, name: str, split: str):

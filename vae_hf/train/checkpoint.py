@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
+from vae_hf.config import ARCHITECTURE_KEYS
 from vae_hf.errors import UserError
 from vae_hf.io.files import plain_permissions
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer
@@ -41,17 +42,13 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 SHAPE_FILE = "model_shape.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# what must match for a checkpoint to load: the keys a fresh VAE is built from, and those a pretrained one brings
 SHAPE_KEYS = (
     "in_channels",
     "out_channels",
     "down_block_types",
     "up_block_types",
-    "block_out_channels",
-    "layers_per_block",
-    "latent_channels",
-    "norm_num_groups",
-    "use_quant_conv",
-    "use_post_quant_conv",
+    *ARCHITECTURE_KEYS,
     "mid_block_add_attention",
 )
 
