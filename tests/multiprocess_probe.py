@@ -3,6 +3,8 @@
 What each process does is written to `<output_dir>/probe-<rank>.json`:
 - `epoch_ends`: the steps at which its epochs ended;
 - `stopped_at`: the step at which it stopped for a signal, if it did;
+- `batches`: [optimizer step it belongs to, height, width, batch size, checksum] of every micro-batch trained on
+  (aspect-ratio buckets and stages must agree across processes; the checksum tells the processes' images apart);
 - `host_reads`: tensor reads on the host (`.item()`, `.tolist()`, `bool()`, ...) between log steps, counted from
   the bookkeeping of step 2 through the last micro-batch of step `max_steps - 1` (step 1 writes a sample, the
   last step logs). `flag_reads` counts the one read left out, of the agreement's flags (`Consensus.flags`): a
@@ -60,7 +62,7 @@ class ShortStream(image_datasets.StreamingImageDataset):
 
 def install_probe():
     counting = [False]
-    record = {"epoch_ends": [], "stopped_at": None, "host_reads": [], "flag_reads": 0}
+    record = {"epoch_ends": [], "stopped_at": None, "host_reads": [], "flag_reads": 0, "batches": []}
     flags = []  # the agreement's flag tensor, once a trainer exists
     for name in READS:
         real = getattr(torch.Tensor, name)
@@ -105,7 +107,17 @@ def install_probe():
         write(self)
         return real_stop(self)
 
+    real_training_step = trainer_module.Trainer.training_step
+
+    def training_step(self, images):
+        watching, counting[0] = counting[0], False  # the probe's own read is not the trainer's
+        checksum = float(images.double().sum())
+        counting[0] = watching
+        record["batches"].append([self.progress.global_step + 1, *images.shape[-2:], images.shape[0], checksum])
+        return real_training_step(self, images)
+
     trainer_module.Trainer.__init__ = init
+    trainer_module.Trainer.training_step = training_step
     trainer_module.Trainer._end_epoch = end_epoch
     trainer_module.Trainer._stop_for_signal = stop
     real_train = trainer_module.Trainer.train

@@ -79,3 +79,25 @@ def test_unequal_streams_end_epochs_together_and_a_signal_to_one_rank_stops_both
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     assert largest_difference(vae_weights(run), vae_weights(tmp_path / "whole")) < 1e-6
+
+
+def test_two_processes_train_the_same_bucket_and_stage_at_every_step(tmp_path):
+    """Aspect-ratio buckets and two stages under two processes: at every micro-batch both hold a batch of the
+    same bucket (their own images), the stage changes at the same step on both, and the run ends (a rank
+    waiting for the other shows up as the timeout)."""
+    images = tmp_path / "images"
+    for number, size in enumerate([(40, 48), (48, 80), (80, 40)]):
+        write_images(images / f"shape_{number}", 8, size=size, seed=number)
+    stages = "[{until_step: 2}, {until_step: 4, resolution: 48, gradient_accumulation_steps: 2}]"
+    options = {"data.buckets": "true", "data.bucket_step": 8, "train.stages": stages, "train.max_steps": "null"}
+    result = launch(images, tmp_path / "run", **options, **{"loss.disc_weight": 0, "data.random_flip": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (probe["batches"] for probe in probes(tmp_path / "run"))
+    assert len(first) == len(second) == 2 + 2 * 2
+    for mine, theirs in zip(first, second, strict=True):
+        assert mine[:4] == theirs[:4]  # step, height, width, batch size
+        assert mine[4] != theirs[4]  # each process trains its own slice of the global batch (checksums)
+        step, height, width = mine[:3]
+        area = 32 * 32 if step <= 2 else 48 * 48
+        assert height * width <= area and (height * width > 0.8 * area)
+    assert {(h, w) for _, h, w, *_ in first} != {(32, 32), (48, 48)}  # not only squares: buckets were used

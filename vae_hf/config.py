@@ -172,6 +172,21 @@ class DataConfig:
     max_aspect_ratio: Optional[float] = None
     """Training leaves out images whose long side is more than this many times the short one (a square crop
     keeps little of them); replaced and counted as with `min_side`. Null: every shape is used."""
+    buckets: bool = False
+    """Aspect-ratio buckets: instead of square crops, each training image is resized, keeping its aspect ratio, to
+    the nearest of a list of (height, width) sizes of area about resolution², and cropped to it; every batch holds
+    one size, the same on every process at every step (map-style data only: not with data.streaming)."""
+    bucket_sizes: List[List[int]] = field(default_factory=list)
+    """The buckets as [height, width] pairs, each side a multiple of the VAE's downsampling factor; empty: made from
+    data.resolution, data.bucket_step and data.bucket_max_aspect_ratio (SDXL's convention)."""
+    bucket_step: Optional[int] = None
+    """Side step of the generated buckets, in pixels; null: resolution / 16 rounded up to a multiple of the
+    downsampling factor (SDXL: 64 px at 1024 px; 16 px at 256 px)."""
+    bucket_max_aspect_ratio: float = 2.0
+    """The generated buckets' long side is at most this many times their short side (SDXL's list: 4)."""
+    bucket_eval: bool = True
+    """With data.buckets, the held-out scores and the sample PNGs also see each image in its bucket (its own
+    aspect ratio) instead of the square centre crop; the latent statistics keep the square crops."""
     shuffle_buffer_size: int = 1000
     """Shuffle buffer of a streaming dataset."""
     validation_split: Optional[str] = None
@@ -211,6 +226,24 @@ class DataConfig:
             "cannot split a stream; name a data.validation_split instead",
         )
         _require(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size", "must be >= 1")
+        _require(
+            not (self.buckets and self.streaming),
+            "data.buckets",
+            "needs map-style data (every image's size is read before training); set data.streaming=false",
+        )
+        for size in self.bucket_sizes:
+            _require(
+                len(size) == 2 and all(side >= 1 for side in size),
+                "data.bucket_sizes",
+                f"each bucket is [height, width] with positive sides, got {list(size)}",
+            )
+        if self.bucket_step is not None:
+            _require(self.bucket_step >= 1, "data.bucket_step", f"must be >= 1 (or null), got {self.bucket_step}")
+        _require(
+            self.bucket_max_aspect_ratio >= 1,
+            "data.bucket_max_aspect_ratio",
+            f"must be >= 1, got {self.bucket_max_aspect_ratio}",
+        )
         for index in self.reference_indices:
             _require(index >= 0, "data.reference_indices", f"indices must be >= 0, got {index}")
         _require(
@@ -412,15 +445,36 @@ class OptimConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of `train.stages`: the settings that hold until `until_step`; null keeps the run's own."""
+
+    until_step: int = 0
+    """The optimizer step this stage ends at (the next one, or the run's end, starts there)."""
+    resolution: Optional[int] = None
+    """data.resolution in this stage (and the area of its buckets); null: data.resolution."""
+    batch_size: Optional[int] = None
+    """train.batch_size in this stage; null: train.batch_size."""
+    gradient_accumulation_steps: Optional[int] = None
+    """train.gradient_accumulation_steps in this stage; null: train.gradient_accumulation_steps."""
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 4
     """Images per process per micro-batch."""
     gradient_accumulation_steps: int = 4
     """Micro-batches per optimizer step."""
     num_epochs: int = 20
-    """Passes over the data (ignored when max_steps is set)."""
+    """Passes over the data (ignored when max_steps or stages are set)."""
     max_steps: Optional[int] = None
     """Optimizer steps to train; wins over num_epochs when set."""
+    stages: List[StageConfig] = field(default_factory=list)
+    """Resolution stages: a list of {until_step, resolution, batch_size, gradient_accumulation_steps}, each holding
+    from the previous stage's until_step (or step 0) to its own, e.g. 256 px, then a shorter 512 px fine-tune with a
+    smaller batch. The run ends at train.max_steps when set (the last stage then holds until it), else at the last
+    until_step; train.num_epochs is ignored. The loader, the accumulation and the memory follow the
+    stage; the learning-rate schedules and every *_step key count optimizer steps over the whole run; samples and
+    held-out scores stay at data.resolution, so that they compare across stages. Empty: one stage."""
     mixed_precision: str = "no"
     """no, fp16 (autocast + grad scaler) or bf16 (autocast); weights stay fp32."""
     eval_every_steps: Optional[int] = None
@@ -490,6 +544,7 @@ class TrainConfig:
         _require(self.num_epochs >= 1, "train.num_epochs", "must be >= 1")
         if self.max_steps is not None:
             _require(self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null)")
+        self._require_stages()
         _require_choice(self.mixed_precision, "train.mixed_precision")
         _require(self.sample_every_steps >= 1, "train.sample_every_steps", "must be >= 1")
         if self.eval_every_steps is not None:
@@ -528,6 +583,20 @@ class TrainConfig:
                 "wandb is not installed (pip install 'vae-hf[wandb]'), or choose tensorboard",
             )
 
+    def _require_stages(self) -> None:
+        previous = 0
+        for number, stage in enumerate(self.stages):
+            key = f"train.stages[{number}]"
+            _require(
+                stage.until_step > previous,
+                f"{key}.until_step",
+                f"must be after the previous stage's end (step {previous}), got {stage.until_step}",
+            )
+            previous = stage.until_step
+            for name in ("resolution", "batch_size", "gradient_accumulation_steps"):
+                value = getattr(stage, name)
+                _require(value is None or value >= 1, f"{key}.{name}", f"must be >= 1 (or null), got {value}")
+
 
 @dataclass
 class Config:
@@ -551,8 +620,42 @@ class Config:
                 "data.resolution",
                 f"{self.data.resolution} is not divisible by the VAE's downsampling factor {factor}",
             )
+        if self.model.pretrained is None:
+            self._require_whole_latents(self.model.downsample_factor)
         if self.data.streaming:
-            _require(self.train.max_steps is not None, "train.max_steps", "must be set when data.streaming=true")
+            _require(
+                self.train.max_steps is not None or bool(self.train.stages),
+                "train.max_steps",
+                "must be set when data.streaming=true",
+            )
+            _require(
+                not self.train.stages,
+                "train.stages",
+                "need map-style data (a stream's position does not carry over to another batch size); "
+                "set data.streaming=false",
+            )
+
+    def _require_whole_latents(self, factor: int) -> None:
+        """Stage resolutions and bucket sides must be multiples of the downsampling factor (whole latent cells)."""
+        for number, stage in enumerate(self.train.stages):
+            if stage.resolution is not None:
+                _require(
+                    stage.resolution % factor == 0,
+                    f"train.stages[{number}].resolution",
+                    f"{stage.resolution} is not divisible by the VAE's downsampling factor {factor}",
+                )
+        for size in self.data.bucket_sizes:
+            _require(
+                all(side % factor == 0 for side in size),
+                "data.bucket_sizes",
+                f"{list(size)}: both sides must be multiples of the VAE's downsampling factor {factor}",
+            )
+        if self.data.bucket_step is not None:
+            _require(
+                self.data.bucket_step % factor == 0,
+                "data.bucket_step",
+                f"{self.data.bucket_step} is not a multiple of the VAE's downsampling factor {factor}",
+            )
 
     def _require_consistent(self) -> None:
         """Keys that mean nothing, or fail hours later, given the others: refused now, in one line."""

@@ -21,6 +21,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from vae_hf.config import DataConfig
 from vae_hf.data import DataError
+from vae_hf.data.buckets import nearest_bucket
 from vae_hf.data.decode import DECODE_ERRORS, decode_image, describe
 from vae_hf.data.loader import to_model_range
 from vae_hf.offline import is_local_path, require_hub
@@ -169,15 +170,25 @@ class ImageTransform:
             )
         return image
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    def __call__(
+        self, image: Image.Image, generator: torch.Generator | None = None, size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The image as pixels of the square crop, or with `size` (height, width: an aspect-ratio bucket)
+        resized to cover that size, keeping its aspect ratio, and cropped to it."""
+        crop_height, crop_width = size or (self.resolution, self.resolution)
+        if size is None:
+            image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        else:
+            scale = max(crop_height / image.height, crop_width / image.width)
+            covering = [max(crop_height, round(image.height * scale)), max(crop_width, round(image.width * scale))]
+            image = TF.resize(image, covering, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         width, height = image.size
         if self.center_crop:
-            image = TF.center_crop(image, [self.resolution, self.resolution])
+            image = TF.center_crop(image, [crop_height, crop_width])
         else:
-            top = int(torch.randint(0, height - self.resolution + 1, (), generator=generator))
-            left = int(torch.randint(0, width - self.resolution + 1, (), generator=generator))
-            image = TF.crop(image, top, left, self.resolution, self.resolution)
+            top = int(torch.randint(0, height - crop_height + 1, (), generator=generator))
+            left = int(torch.randint(0, width - crop_width + 1, (), generator=generator))
+            image = TF.crop(image, top, left, crop_height, crop_width)
         pixels = TF.pil_to_tensor(image)  # (3, R, R) uint8
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             pixels = pixels.flip(-1)
@@ -210,11 +221,17 @@ def unreadable_reason(error: BaseException) -> str:
 
 
 def try_transform(
-    value: Any, transform: ImageTransform, generator: torch.Generator | None = None, max_pixels: int | None = None
+    value: Any,
+    transform: ImageTransform,
+    generator: torch.Generator | None = None,
+    max_pixels: int | None = None,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor | None, str | None]:
-    """Decode and transform one stored image: (pixels, None), or (None, why it is unreadable)."""
+    """Decode and transform one stored image (to `size`, a bucket, when given): (pixels, None), or (None, why it
+    is unreadable)."""
     try:
-        return transform(transform.check(decode_image(value, max_pixels, transform.draft_size)), generator), None
+        image = transform.check(decode_image(value, max_pixels, transform.draft_size))
+        return transform(image, generator, size), None
     except DECODE_ERRORS as error:
         return None, unreadable_reason(error)
 
@@ -270,7 +287,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int | tuple[int, tuple[int, int]]) -> dict[str, Any]:
+        """Row `index` as pixels; a (row, (height, width)) pair, as `BucketBatchSampler` gives, crops the row to
+        that bucket instead of the square."""
+        index, size = index if isinstance(index, tuple) else (index, None)
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} of {len(self)}")  # (also ends iteration by index)
         records = []
@@ -281,7 +301,7 @@ class ImageDataset(torch.utils.data.Dataset):
             value = example[self.image_column]
             # seeded by the sample's own index: a substitute is augmented as the sample would have been
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            pixels, reason = try_transform(value, self.transform, generator, self.max_pixels)
+            pixels, reason = try_transform(value, self.transform, generator, self.max_pixels, size)
             if pixels is not None:
                 return {"pixel_values": pixels, "unreadable": records}
             records.append(unreadable(value, reason, row, example.get("__url__"), example.get("__key__")))
@@ -439,20 +459,24 @@ def require_a_usable_image(dataset: Dataset, config: DataConfig, limit: int = 10
     raise DataError(f"data.dataset: no usable image in {config.dataset}: none of {where} files decodes")
 
 
-def reference_images(config: DataConfig) -> torch.Tensor:
-    """The fixed images shown in every sample PNG, centre-cropped and unflipped: (N, 3, R, R)."""
+def reference_images(config: DataConfig, buckets: list[tuple[int, int]] | None = None) -> torch.Tensor | list:
+    """The fixed images shown in every sample PNG, centre-cropped and unflipped: (N, 3, R, R); with `buckets`, a
+    list of (3, H, W) images, each cropped to its nearest bucket (its own aspect ratio)."""
     transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
     if not config.reference_images:
-        return torch.stack([transform(image) for image in _readable_rows(config)])
-    images = []
-    for path in (Path(p).expanduser() for p in config.reference_images):
-        try:
-            images.append(transform(decode_image(path, config.max_image_pixels)))
-        except FileNotFoundError:
-            raise DataError(f"data.reference_images: no such file {path}") from None
-        except DECODE_ERRORS as error:
-            raise DataError(f"data.reference_images: cannot read {path}: {error}") from None
-    return torch.stack(images)
+        images = _readable_rows(config)
+    else:
+        images = []
+        for path in (Path(p).expanduser() for p in config.reference_images):
+            try:
+                images.append(decode_image(path, config.max_image_pixels))
+            except FileNotFoundError:
+                raise DataError(f"data.reference_images: no such file {path}") from None
+            except DECODE_ERRORS as error:
+                raise DataError(f"data.reference_images: cannot read {path}: {error}") from None
+    if buckets is None:
+        return torch.stack([transform(image) for image in images])
+    return [transform(image, size=buckets[nearest_bucket(*image.size, buckets)]) for image in images]
 
 
 def _readable_rows(config: DataConfig, lookahead: int = 100) -> list[Image.Image]:

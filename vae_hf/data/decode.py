@@ -21,21 +21,29 @@ def decode_image(value: Any, max_pixels: int | None = None, draft_size: int | No
     decoded at the smallest of 1/1, 1/2, 1/4, 1/8 scale whose sides are still at least `draft_size`
     (libjpeg's scaled inverse DCT: a 1024 px photo wanted at 256 px decodes about 7x faster).
     """
-    if isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, (dict, str, Path)):
+    if isinstance(value, (dict, str, Path)) and not (isinstance(value, dict) and value.get("bytes")):
         path = value.get("path") if isinstance(value, dict) else value
         image = Image.open(io.BytesIO(Path(path).read_bytes()))  # no file handle outlives the call
-    elif isinstance(value, Image.Image):
-        image = value
     else:
-        raise TypeError(f"not an image: {type(value).__name__}")
+        image = open_image(value)
     if max_pixels is not None and image.width * image.height > max_pixels:
         raise ValueError(f"{image.width}x{image.height} is more than data.max_image_pixels={max_pixels} pixels")
     if draft_size is not None and image.format == "JPEG":
         image.draft("RGB", (draft_size, draft_size))
     image.load()
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def open_image(value: Any) -> Image.Image:
+    """A stored image opened lazily (its header read, its pixels not): from bytes, a path or a PIL image. Use it
+    as a context manager when it may hold a file open."""
+    if isinstance(value, dict) and value.get("bytes"):
+        return Image.open(io.BytesIO(value["bytes"]))
+    if isinstance(value, (dict, str, Path)):
+        return Image.open(value.get("path") if isinstance(value, dict) else value)
+    if isinstance(value, Image.Image):
+        return value
+    raise TypeError(f"not an image: {type(value).__name__}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -10,6 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vae_hf.config import DataConfig
 from vae_hf.data import DataError
+from vae_hf.data.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, default_bucket_step, image_sizes
 
 
 def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
@@ -52,3 +53,51 @@ def build_dataloader(
             f"data.dataset: {len(dataset)} images are fewer than one batch of train.batch_size={batch_size}"
         )
     return loader
+
+
+def bucket_list(config: DataConfig, factor: int, resolution: int | None = None) -> list[tuple[int, int]]:
+    """The buckets of `data.bucket_sizes`, else made for `resolution` (default: data.resolution; a stage may set
+    another); each side must be a multiple of the VAE's downsampling `factor`."""
+    resolution = resolution or config.resolution
+    if config.bucket_sizes:
+        sizes = [(int(height), int(width)) for height, width in config.bucket_sizes]
+    else:
+        step = config.bucket_step or default_bucket_step(resolution, factor)
+        sizes = bucket_sizes(resolution, step, config.bucket_max_aspect_ratio)
+    for height, width in sizes:
+        if height % factor or width % factor:
+            raise DataError(
+                f"data.buckets: bucket {height}x{width} is not a multiple of the VAE's downsampling factor {factor} "
+                "(set data.bucket_step or data.bucket_sizes to multiples of it)"
+            )
+    if not sizes:
+        raise DataError(f"data.buckets: no bucket of area {resolution}² fits data.bucket_step and the ratio limit")
+    return sizes
+
+
+def build_bucketed_dataloader(
+    dataset,
+    config: DataConfig,
+    buckets: list[tuple[int, int]],
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of one aspect-ratio bucket each, this process's slice of every global batch (see
+    `vae_hf.data.buckets`); `dataset` is an `ImageDataset`, whose rows' sizes are read once (cached)."""
+    sizes = image_sizes(dataset.dataset, dataset.image_column, num_proc=config.num_workers)
+    sampler = BucketBatchSampler(
+        assign_buckets(sizes, buckets), buckets, batch_size, seed, rank, world_size, gradient_accumulation_steps
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        persistent_workers=config.persistent_workers and config.num_workers > 0,
+        prefetch_factor=config.prefetch_factor,
+    )

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vae_hf.config import Config
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
+from vae_hf.data.pipeline import training_loader
 from vae_hf.errors import UserError
 from vae_hf.models.diffaug import diff_augment
 from vae_hf.models.vae import build_vae
@@ -40,6 +41,7 @@ from vae_hf.perf.memory import (
     largest_batch,
     measure_cuda_step_memory,
 )
+from vae_hf.train.stages import training_stages
 from vae_hf.train.trainer import Trainer
 
 # Dense bf16 peak of known accelerators, in FLOP/s (vendor figures); pass --peak-tflops for others.
@@ -204,9 +206,32 @@ def memory_section(config: Config, device: torch.device, budget_gb: float | None
         )
         for checkpointing in (False, True)
     }
+    stages = training_stages(config)
+    if len(stages) > 1:  # each stage's own resolution and batch (the table above is at data.resolution)
+        measure_at = measure_cuda_step_memory if device.type == "cuda" else estimate_step_memory
+        extra = {"device": device} if device.type == "cuda" else {}
+        per_stage = []
+        for stage in stages:
+            try:
+                measured = measure_at(
+                    vae_config,
+                    stage.resolution,
+                    stage.batch_size,
+                    gradient_checkpointing=config.train.gradient_checkpointing,
+                    options=options,
+                    **extra,
+                )
+                peak_bytes = measured["peak_bytes"] + ema_bytes
+            except torch.OutOfMemoryError:
+                peak_bytes = None
+            per_stage.append(
+                {"stage": stage.number + 1, "resolution": stage.resolution, "batch_size": stage.batch_size}
+                | {"peak_gib": _gib(peak_bytes), "fits": peak_bytes is not None and peak_bytes <= budget}
+            )
     return {
         "method": method,
         "resolution": resolution,
+        "stages": per_stage if len(stages) > 1 else None,
         "ema_included": bool(ema_bytes),
         "rows": rows,
         "budget_gib": budget / GIB,
@@ -349,10 +374,34 @@ def _count_periodic_work(trainer: Trainer, warmup: int) -> dict[str, int]:
 
 
 def loader_section(config: Config, batches: int) -> dict[str, float]:
-    """The training data loader as the trainer builds it, without the trainer (no model is built)."""
-    dataset = image_datasets.training_dataset(config.data, config.seed)
-    loader = batching.build_dataloader(dataset, config.data, config.train.batch_size, config.seed)
-    return _time_loader(loader, batches, config.data.num_workers)
+    """The training data loader as the trainer builds it for its first stage (one process), without the trainer
+    (no model is built): square crops or aspect-ratio buckets, from an image folder, shards, the Hub or a stream."""
+    stage = training_stages(config)[0]
+    data = replace(config.data, resolution=stage.resolution)
+    built = training_loader(
+        data,
+        config.seed,
+        stage.batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        downsample_factor=config.model.downsample_factor,
+    )
+    report = _time_loader(built.loader, batches, data.num_workers)
+    report["data"] = data_kind(data)
+    return report
+
+
+def data_kind(data) -> dict[str, Any]:
+    """What the loader read, for the report: the source's format, streamed or not, buckets or squares."""
+    if image_datasets.is_local(data.dataset):
+        source = image_datasets.local_builder(Path(data.dataset).expanduser())
+    else:
+        source = "hub"
+    return {
+        "source": source,
+        "streaming": data.streaming,
+        "crops": "aspect-ratio buckets" if data.buckets else "square",
+        "resolution": data.resolution,
+    }
 
 
 def _first_batch(trainer: Trainer) -> torch.Tensor:
@@ -462,7 +511,12 @@ def _periodic_work_line(work: dict[str, dict[str, int]]) -> str:
 
 
 def _loader_line(loader: dict[str, Any]) -> str:
-    return f"data loader: {_rate(loader)} images/s with {loader['workers']} workers"
+    data = loader.get("data")
+    what = ""
+    if data:
+        streamed = ", streamed" if data["streaming"] else ""
+        what = f" ({data['source']}{streamed}, {data['crops']} at {data['resolution']} px)"
+    return f"data loader{what}: {_rate(loader)} images/s with {loader['workers']} workers"
 
 
 def _rate(loader: dict[str, Any]) -> str:
@@ -486,6 +540,12 @@ def _memory_table(memory: dict[str, Any]) -> str:
         cells = [_cell_gib(peaks[batch, checkpointing]) for batch in batches]
         largest = _largest(memory["largest_batch"][f"gradient_checkpointing_{state}"], memory.get("largest_batch_cap"))
         rows.append(f"| {state} | " + " | ".join(cells) + f" | {largest} (in {memory['budget_gib']:.1f} GiB) |")
+    for stage in memory.get("stages") or ():
+        fits = "fits" if stage["fits"] else "does NOT fit"
+        rows.append(
+            f"\ntrain.stages: stage {stage['stage']} ({stage['resolution']} px, batch {stage['batch_size']}): "
+            f"{_cell_gib(stage['peak_gib'])} GiB, {fits} in {memory['budget_gib']:.1f} GiB"
+        )
     return "\n".join(rows)
 
 

@@ -99,18 +99,24 @@ class Reporter:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(to_yaml(self.config))
 
-    def start(self, total_steps: int, dataset_size: int | None, checkpoints: Path) -> None:
+    def start(self, total_steps: int, dataset_size: int | None, checkpoints: Path, stages=()) -> None:
+        """The run's plan in two lines; with `train.stages`, one more per stage."""
         if not self.is_main:
             return
         train, processes = self.config.train, self.accelerator.num_processes
-        effective = train.batch_size * train.gradient_accumulation_steps * processes
+        batch, accumulation = train.batch_size, train.gradient_accumulation_steps
+        if stages:  # the first stage's
+            batch, accumulation = stages[0].batch_size, stages[0].gradient_accumulation_steps
         size = "streaming" if dataset_size is None else f"{dataset_size} images"
+        buckets = ", aspect-ratio buckets" if self.config.data.buckets else ""
         print(
             f"vae-hf: {processes} x {self.accelerator.device.type}, precision {train.mixed_precision}, "
-            f"effective batch {effective} ({train.batch_size} x {train.gradient_accumulation_steps} accumulation x "
-            f"{processes} processes), {total_steps} steps, data: {size}",
+            f"effective batch {batch * accumulation * processes} ({batch} x {accumulation} accumulation x "
+            f"{processes} processes), {total_steps} steps, data: {size}{buckets}",
             flush=True,
         )
+        if len(stages) > 1:
+            print(f"vae-hf: train.stages: {'; '.join(stage.describe() for stage in stages)}", flush=True)
         print(f"vae-hf: checkpoints: {checkpoints} ({checkpoint_policy(train)})", flush=True)
 
     def end(self, step: int, images_skipped: int, validator) -> None:

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
+from vae_hf.data.pipeline import training_loader
 from vae_hf.game import Alignment, Game, autocast
 from vae_hf.io.hub import require_push_access
 from vae_hf.models.backbone import load_backbone, require_backbone
@@ -57,6 +59,7 @@ from vae_hf.train.player import Player, build_optimizer, build_scheduler
 from vae_hf.train.progress import TrainProgress
 from vae_hf.train.reporting import Reporter
 from vae_hf.train.signals import StopRequest
+from vae_hf.train.stages import Stage, position_in, stage_at, training_stages
 from vae_hf.train.validation import Validator
 
 logger = logging.getLogger(__name__)
@@ -113,8 +116,10 @@ class Trainer:
         self.consecutive_nonfinite = 0
         zero = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
         self._nonfinite = {"consecutive": zero.clone(), "skipped": zero.clone(), "disc_skipped": zero.clone()}
-        self._build_data()
-        self._build_models()
+        vae = build_vae(config.model, config.data.resolution)
+        self.stages = training_stages(config)
+        self._build_data(downsample_factor=2 ** (len(vae.config.block_out_channels) - 1))
+        self._build_models(vae)
         self.checkpointer = Checkpointer(
             self.accelerator, self.output_dir / "checkpoints", config.train.checkpoints_total_limit
         )
@@ -129,7 +134,11 @@ class Trainer:
         )
         if config.train.resume_from is not None:
             self.resume(config.train.resume_from)
-        self.validator = Validator(config, self.accelerator, self.output_dir, resumed=self.progress.global_step > 0)
+            if stage_at(self.stages, self.progress.global_step) != self.stage:  # resumed in a later stage
+                self._enter_stage(stage_at(self.stages, self.progress.global_step))
+        self.validator = Validator(
+            config, self.accelerator, self.output_dir, self.progress.global_step > 0, self._eval_buckets
+        )
         if self.perceptual_choice is not None:
             self.validator.note("perceptual_trunk", self.perceptual_choice)
         latent_factors = LatentFactors(
@@ -139,7 +148,7 @@ class Trainer:
             heldout_batches=self.validator.latent_batches if self.validator.enabled else None,
         )
         self.reporter = Reporter(self.accelerator, config, self.output_dir, self.encoder_fingerprint, latent_factors)
-        self.reporter.start(self.total_steps, self.dataset_size, self.checkpointer.folder)
+        self.reporter.start(self.total_steps, self.dataset_size, self.checkpointer.folder, self.stages)
 
     # ----------------------------------------------------------------------------------------------
     # construction
@@ -197,32 +206,61 @@ class Trainer:
         self.deepspeed_config = require_supported_distribution(accelerator, config)
         return accelerator
 
-    def _build_data(self) -> None:
+    def _build_data(self, downsample_factor: int) -> None:
         config, accelerator = self.config, self.accelerator
-        dataset = image_datasets.training_dataset(
-            config.data, config.seed, accelerator.process_index, accelerator.num_processes
+        self.downsample_factor = downsample_factor
+        self.stage = self.stages[0]
+        self.accelerator.gradient_accumulation_steps = self.stage.gradient_accumulation_steps
+        self._build_loader()
+        self.streaming = isinstance(self.dataloader.dataset, image_datasets.StreamingImageDataset)
+        self.dataset_size = None if self.streaming else len(self.dataloader.dataset)
+        reference = image_datasets.reference_images(config.data, self._eval_buckets)
+        self.reference_images = (
+            reference.to(accelerator.device)
+            if isinstance(reference, torch.Tensor)
+            else [image.to(accelerator.device) for image in reference]
         )
-        self.streaming = isinstance(dataset, image_datasets.StreamingImageDataset)
-        loader = batching.build_dataloader(
-            dataset, config.data, config.train.batch_size, config.seed, pin_memory=accelerator.device.type == "cuda"
-        )
-        # Streaming data is already split by rank (datasets.distributed); only map-style data is sharded here.
-        self.dataloader = loader if self.streaming else accelerator.prepare(loader)
-        self.dataset_size = None if self.streaming else len(dataset)
-        self.reference_images = image_datasets.reference_images(config.data).to(accelerator.device)
         self.total_steps = self._total_steps()
+
+    @property
+    def _eval_buckets(self) -> list[tuple[int, int]] | None:
+        """The buckets samples and held-out scores use (`data.bucket_eval`), at data.resolution; None: squares."""
+        data = self.config.data
+        if not (data.buckets and data.bucket_eval):
+            return None
+        return batching.bucket_list(data, self.downsample_factor)
+
+    def _build_loader(self) -> None:
+        """The training loader of the current stage: its resolution and batch size, buckets when asked."""
+        config, accelerator, stage = self.config, self.accelerator, self.stage
+        built = training_loader(
+            replace(config.data, resolution=stage.resolution),
+            config.seed,
+            stage.batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            stage.gradient_accumulation_steps,
+            self.downsample_factor,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        self.dataloader = accelerator.prepare(built.loader) if built.shard_by_accelerate else built.loader
+
+    @property
+    def bucketed(self) -> bool:
+        return self.config.data.buckets
 
     def _total_steps(self) -> int:
         train = self.config.train
         if train.max_steps is not None:
             return train.max_steps
-        steps_per_epoch = math.ceil(len(self.dataloader) / train.gradient_accumulation_steps)
+        if train.stages:
+            return train.stages[-1].until_step
+        steps_per_epoch = math.ceil(len(self.dataloader) / self.stage.gradient_accumulation_steps)
         return train.num_epochs * steps_per_epoch
 
-    def _build_models(self) -> None:
+    def _build_models(self, vae: AutoencoderKL) -> None:
         config, accelerator = self.config, self.accelerator
         self.sharding_units = ShardingUnits(getattr(accelerator.state, "fsdp_plugin", None))
-        vae = build_vae(config.model, config.data.resolution)
         self.lpips = (
             build_lpips(config.loss.perceptual_pretrained).to(accelerator.device)
             if config.loss.perceptual_weight > 0
@@ -532,7 +570,29 @@ class Trainer:
                     return False
                 if not self.streaming and self._agree():  # a stream agrees before each window instead
                     return False
+                if stage_at(self.stages, self.progress.global_step) != self.stage:
+                    self._enter_stage(stage_at(self.stages, self.progress.global_step), carry_position=True)
+                    return False  # the epoch goes on with the new stage's loader
         return self.stop_signal is None
+
+    def _enter_stage(self, stage: Stage, carry_position: bool = False) -> None:
+        """Switch to `stage`: its loader (resolution, batch size) and its accumulation. With `carry_position`
+        (a live switch mid-epoch) the epoch's position is carried into batches of the new size; a resumed run's
+        checkpoint already holds it so."""
+        if carry_position:
+            self.progress.batches_in_epoch = position_in(self.progress.batches_in_epoch, self.stage, stage)
+        previous = self.dataloader
+        self.stage = stage
+        self.accelerator.gradient_accumulation_steps = stage.gradient_accumulation_steps
+        self.accelerator.step = 0  # micro-batches into the window: a stage starts on an optimizer step
+        if previous in self.accelerator._dataloaders:  # Accelerate saves the samplers of the loaders it prepared
+            self.accelerator._dataloaders.remove(previous)
+        del previous  # its workers stop before the new loader's start
+        self._build_loader()
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()  # the last stage's activations were of another size
+        if self.is_main:
+            print(f"vae-hf: train.stages: {stage.describe()}", flush=True)
 
     def _agree(self, out_of_data: bool = False) -> bool:
         """The step-boundary agreement of all processes (`Consensus`): True when they stop for a signal or,
@@ -550,6 +610,10 @@ class Trainer:
                 loader.load_state_dict(self._stream_position)
                 self._stream_position = None
             return self._stream_windows(loader)
+        if self.bucketed:  # the sampler plans the epoch (same on every process) and skips what was trained
+            loader.batch_sampler.set_epoch(self.progress.epoch)
+            loader.batch_sampler.start = self.progress.batches_in_epoch
+            return loader
         if self.progress.batches_in_epoch > 0:
             loader = self.accelerator.skip_first_batches(loader, self.progress.batches_in_epoch)
         loader.set_epoch(self.progress.epoch)
@@ -560,7 +624,7 @@ class Trainer:
         time, each taken only when every process has a full one: the processes' streams may differ in length,
         and an epoch must end on the same step everywhere, between optimizer steps. The incomplete windows
         at an epoch's end are dropped, as map-style data drops its last incomplete batch."""
-        size = self.config.train.gradient_accumulation_steps
+        size = self.stage.gradient_accumulation_steps
         batches = iter(loader)
         while True:
             before = loader.state_dict()

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 from vae_hf.analysis.evaluation import ReconstructionMetrics, evaluate_vae
 from vae_hf.analysis.latent_stats import latent_statistics
 from vae_hf.config import Config
+from vae_hf.data.buckets import assign_buckets, grouped_batches, image_sizes
 from vae_hf.data.datasets import heldout_dataset
 from vae_hf.data.loader import collate
 from vae_hf.io.model_card import DIFFUSABILITY_RECORD
@@ -27,7 +28,16 @@ logger = logging.getLogger(__name__)
 
 
 class Validator:
-    def __init__(self, config: Config, accelerator: Accelerator, output_dir: Path, resumed: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        accelerator: Accelerator,
+        output_dir: Path,
+        resumed: bool = False,
+        buckets: list[tuple[int, int]] | None = None,
+    ):
+        """With `buckets` (`data.bucket_eval`), the scores see each held-out image in its nearest bucket, batched
+        by bucket; the latent statistics and diffusability measures keep the square crops."""
         self.accelerator = accelerator
         self.path = Path(output_dir) / "metrics.json"
         # a resumed run keeps its baseline; a new run in the same folder starts a new record
@@ -39,8 +49,13 @@ class Validator:
         # Each process scores its own slice, without the padding a prepared loader would add;
         # torchmetrics gathers the states of all processes when the scores are computed.
         rank, world = accelerator.process_index, accelerator.num_processes
-        shard = Subset(heldout, list(range(rank, len(heldout), world)))
-        self.loader = DataLoader(shard, batch_size=config.train.batch_size, collate_fn=collate)
+        if buckets is None:
+            shard = Subset(heldout, list(range(rank, len(heldout), world)))
+            self.loader = DataLoader(shard, batch_size=config.train.batch_size, collate_fn=collate)
+        else:
+            sizes = image_sizes(heldout.dataset, heldout.image_column)
+            batches = grouped_batches(assign_buckets(sizes, buckets), buckets, config.train.batch_size, rank, world)
+            self.loader = DataLoader(heldout, batch_sampler=batches, collate_fn=collate)
         self.full_loader = DataLoader(heldout, batch_size=config.train.batch_size, collate_fn=collate)
         self.metrics = ReconstructionMetrics(config.train.eval_metrics, config.loss.perceptual_pretrained)
         self.diffusability = (

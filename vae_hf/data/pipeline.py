@@ -1,0 +1,41 @@
+"""The training loader as a run builds it, from the data settings of one stage: the dataset (image folder, shards,
+Hub, stream), then square batches sharded by Accelerate, or aspect-ratio buckets each process slices itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.utils.data import DataLoader
+
+from vae_hf.config import DataConfig
+from vae_hf.data import datasets as image_datasets
+from vae_hf.data import loader as batching
+
+
+@dataclass
+class TrainingLoader:
+    loader: DataLoader
+    shard_by_accelerate: bool
+    """True for square map-style batches, which `accelerator.prepare` splits among the processes; a stream is
+    split by `datasets` and a bucketed loader by its sampler, so neither is prepared."""
+
+
+def training_loader(
+    data: DataConfig,
+    seed: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    downsample_factor: int = 8,
+    pin_memory: bool = False,
+) -> TrainingLoader:
+    dataset = image_datasets.training_dataset(data, seed, rank, world_size)
+    if data.buckets:
+        buckets = batching.bucket_list(data, downsample_factor)
+        loader = batching.build_bucketed_dataloader(
+            dataset, data, buckets, batch_size, seed, rank, world_size, gradient_accumulation_steps, pin_memory
+        )
+        return TrainingLoader(loader, shard_by_accelerate=False)
+    loader = batching.build_dataloader(dataset, data, batch_size, seed, pin_memory=pin_memory)
+    return TrainingLoader(loader, shard_by_accelerate=not isinstance(dataset, image_datasets.StreamingImageDataset))
