@@ -174,3 +174,18 @@ def test_fsdp1_is_refused_before_anything_is_built(monkeypatch):
     monkeypatch.setattr(Accelerator, "is_fsdp2", property(lambda self: False))
     with pytest.raises(ConfigError, match="fsdp_version: 2"):
         require_supported_distribution(Accelerator(cpu=True), load_config(None, []))
+
+
+def test_stages_that_change_the_batch_are_refused_under_deepspeed(monkeypatch):
+    """DeepSpeed's engines are built for one micro-batch size and accumulation: a stage may change the resolution
+    only (checked before the engine config is read)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from vae_hf.config import ConfigError, load_config
+    from vae_hf.train.trainer import require_supported_distribution
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    stages = "train.stages=[{until_step: 2}, {until_step: 4, resolution: 128, batch_size: 1}]"
+    with pytest.raises(ConfigError, match=r"train.stages\[1\].batch_size: under DeepSpeed"):
+        require_supported_distribution(Accelerator(cpu=True), load_config(None, [stages]))

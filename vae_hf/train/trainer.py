@@ -80,6 +80,18 @@ def require_supported_distribution(accelerator: Accelerator, config: Config) -> 
         raise ConfigError("loss.vf_weight: runs on one process or under DDP, not FSDP or DeepSpeed")
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return None
+    train = config.train
+    for number, stage in enumerate(train.stages):
+        changes = [
+            name
+            for name in ("batch_size", "gradient_accumulation_steps")
+            if getattr(stage, name) not in (None, getattr(train, name))
+        ]
+        if changes:
+            raise ConfigError(
+                f"train.stages[{number}].{changes[0]}: under DeepSpeed a stage may change the resolution only (the "
+                "engines are built for one micro-batch size and accumulation); run stages under DDP or FSDP"
+            )
     return engine_config(
         accelerator.state.deepspeed_plugin, config.train, config.optim.max_grad_norm, accelerator.num_processes
     )
@@ -592,7 +604,7 @@ class Trainer:
         if self.accelerator.device.type == "cuda":
             torch.cuda.empty_cache()  # the last stage's activations were of another size
         if self.is_main:
-            print(f"vae-hf: train.stages: {stage.describe()}", flush=True)
+            tqdm.write(f"vae-hf: train.stages: {stage.describe()}")  # on its own line, above the progress bar
 
     def _agree(self, out_of_data: bool = False) -> bool:
         """The step-boundary agreement of all processes (`Consensus`): True when they stop for a signal or,
