@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from vae_hf.config import ConfigError, DataConfig, load_config, to_yaml
 from vae_hf.data import mixture
 from vae_hf.data.datasets import heldout_dataset, load_image_dataset, training_dataset
+from vae_hf.io.model_card import RunRecord, render_card
 from vae_hf.train.trainer import Trainer
 
 from conftest import tiny_overrides, write_images
@@ -279,3 +281,12 @@ def test_a_source_may_name_its_own_image_column(tmp_path, few):
     assert mixed.column_names == ["image"]
     sources = {"light" if row["path"] and "light" in row["path"] else "parquet" for row in mixed["image"]}
     assert sources == {"light", "parquet"}
+
+
+def test_the_model_card_names_each_source_of_a_mixture_and_its_share(tmp_path):
+    config = load_config(None, ["data.dataset=[{dataset: someone/faces, weight: 3}, /data/photos]"])
+    run_config = yaml.safe_load(to_yaml(config))  # as the card reads the run's config.yaml
+    card = render_card(RunRecord(vae_config={}, config=run_config), "alice/vae", None)
+    assert yaml.safe_load(card.split("---\n")[1])["datasets"] == ["someone/faces"]  # the local folder is no Hub id
+    mixed = "a mixture of `someone/faces` (split `train`, 75%), `/data/photos` (split `train`, 25%)"
+    assert f"- data: {mixed}, at {config.data.resolution} px" in card
