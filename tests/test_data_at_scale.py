@@ -193,8 +193,9 @@ def test_bad_bucket_and_stage_settings_are_refused_in_one_line(tmp_path, overrid
     assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
 
 
-def test_loader_benchmark_reports_bucketed_and_sharded_data(shapes_folder, tmp_path):
-    """`vae-hf bench --loader` on WebDataset shards of the four shapes, with and without buckets."""
+def test_loader_benchmark_reports_bucketed_sharded_and_mixed_data(shapes_folder, tmp_path):
+    """`vae-hf bench --loader` on WebDataset shards of the four shapes with and without buckets, and on a mixture
+    of those shards and the image folder, in buckets."""
     shards = tmp_path / "shards"
     shards.mkdir()
     with tarfile.open(shards / "train-00000.tar", "w") as tar:
@@ -202,13 +203,17 @@ def test_loader_benchmark_reports_bucketed_and_sharded_data(shapes_folder, tmp_p
             member = tarfile.TarInfo(f"{number:04d}.png")
             member.size = path.stat().st_size
             tar.addfile(member, io.BytesIO(path.read_bytes()))
-    reports = {}
-    for buckets in ("true", "false"):
-        config = load_config(None, tiny_overrides(shards, tmp_path / "run", **{"data.buckets": buckets,
-                                                                               "data.bucket_step": 8}))  # fmt: skip
-        reports[buckets] = benchmark(config, steps=2, speed=False, loader=True)
-    for buckets, crops in (("true", "aspect-ratio buckets"), ("false", "square")):
-        loader = reports[buckets]["data_loader"]
+    cases = {
+        "webdataset, aspect-ratio buckets": (shards, "true"),
+        "webdataset, square": (shards, "false"),
+        "mixture of webdataset + imagefolder, aspect-ratio buckets": (f"[{shards}, {shapes_folder}]", "true"),
+    }
+    for shown, (dataset, buckets) in cases.items():
+        overrides = {"data.buckets": buckets, "data.bucket_step": 8}
+        config = load_config(None, tiny_overrides(dataset, tmp_path / "run", **overrides))
+        report = benchmark(config, steps=2, speed=False, loader=True)
+        loader = report["data_loader"]
         assert loader["images_per_s"] > 0 and loader["batches_timed"] >= 2
-        assert loader["data"] == {"source": "webdataset", "streaming": False, "crops": crops, "resolution": 32}
-        assert f"data loader (webdataset, {crops} at 32 px)" in markdown(reports[buckets])
+        source, crops = shown.rsplit(", ", 1)
+        assert loader["data"] == {"source": source, "streaming": False, "crops": crops, "resolution": 32}
+        assert f"data loader ({shown} at 32 px)" in markdown(report)

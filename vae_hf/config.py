@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -47,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.compile_mode": ("default", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.report_to": ("tensorboard", "wandb", "all", "none"),
+    "data.mixture_stopping": ("first_exhausted", "all_exhausted"),
 }
 # Tensor precisions a VAE's weights can be written in (`vae-hf export --dtype`), by their torch dtype's name.
 WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -138,10 +140,17 @@ class ModelConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
+# What a source of a mixture (one item of a `data.dataset` list) may say; the others come from `data.*`.
+SOURCE_KEYS = ("dataset", "split", "image_column", "weight")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "assets/demo_images"
-    """A Hub dataset id or a local folder of images (read with the `imagefolder` builder)."""
+    dataset: Any = "assets/demo_images"
+    """A Hub dataset id or a local folder of images (read with the `imagefolder` builder); or a mixture: a list of
+    sources, each an id or folder or a mapping with `dataset` and optionally `split`, `image_column` (default: the
+    `data.*` keys) and `weight` (default 1), interleaved at random in proportion to the weights, seeded by `seed`.
+    The resolved config lists each source with all four keys."""
     split: str = "train"
     """Dataset split to train on."""
     image_column: str = "image"
@@ -194,16 +203,26 @@ class DataConfig:
     validation_fraction: float = 0.0
     """Fraction of the training split held out (seeded) for evaluation when no validation split is given."""
     validation_max_images: int = 256
-    """At most this many held-out images are evaluated."""
+    """At most this many held-out images are evaluated (a mixture shares them between its sources by weight)."""
     reference_images: List[str] = field(default_factory=list)
     """Image files used for the sample PNGs; empty takes `reference_indices` of `reference_split`."""
     reference_split: Optional[str] = None
     """Split the reference images come from (null: the training split)."""
     reference_indices: List[int] = field(default_factory=lambda: [0])
-    """Indices of the reference images in `reference_split` (the reference recipe tracks image 13)."""
+    """Indices of the reference images in `reference_split` (the reference recipe tracks image 13); of a mixture,
+    its first source."""
+    mixture_stopping: str = "first_exhausted"
+    """When a mixture's pass over its sources (its epoch) ends: first_exhausted (when one source runs out: no row is
+    seen twice) or all_exhausted (when each has run out at least once; the others start over meanwhile). A single
+    dataset ignores it."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.dataset, (list, tuple, ListConfig)):
+            self.dataset = mixture_sources(self.dataset, self.split, self.image_column)
+        else:
+            self.dataset = _source_name(self.dataset, "data.dataset")
         _require(bool(self.dataset), "data.dataset", "must name a Hub dataset id or a local folder")
+        _require_choice(self.mixture_stopping, "data.mixture_stopping")
         _require(self.resolution > 0, "data.resolution", f"must be positive, got {self.resolution}")
         _require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         if self.prefetch_factor is not None:
@@ -251,6 +270,60 @@ class DataConfig:
             "data.reference_indices",
             "give at least one reference image (or data.reference_images)",
         )
+
+    @property
+    def is_mixture(self) -> bool:
+        """Whether `dataset` is a list of sources rather than one id or folder."""
+        return isinstance(self.dataset, list)
+
+
+def mixture_sources(items, split: str, image_column: str) -> list[dict[str, Any]]:
+    """A `data.dataset` list as sources with all of SOURCE_KEYS, the missing ones from `data.*`; each bad item is
+    refused in one line naming it (`data.dataset[1].weight: ...`). Items may be OmegaConf containers or plain."""
+    _require(len(items) > 0, "data.dataset", "an empty list of sources; give at least one id or folder")
+    sources = []
+    for index, item in enumerate(items):
+        key = f"data.dataset[{index}]"
+        if isinstance(item, (dict, DictConfig)):
+            item = dict(item)
+        else:
+            item = {"dataset": _source_name(item, key)}
+        unknown = sorted(set(item) - set(SOURCE_KEYS))
+        allowed = ", ".join(SOURCE_KEYS)
+        _require(not unknown, key, f"unknown key {', '.join(map(str, unknown))}; a source takes {allowed}")
+        _require("dataset" in item, f"{key}.dataset", "missing: name a Hub dataset id or a local folder")
+        source = {
+            "dataset": _source_name(item["dataset"], f"{key}.dataset"),
+            "split": item.get("split", split),
+            "image_column": item.get("image_column", image_column),
+            "weight": item.get("weight", 1.0),
+        }
+        for name in ("dataset", "split", "image_column"):
+            _require(isinstance(source[name], str) and bool(source[name]), f"{key}.{name}", "must not be empty")
+        weight = source["weight"]
+        _require(
+            isinstance(weight, (int, float)) and not isinstance(weight, bool),
+            f"{key}.weight",
+            f"must be a number, got {weight!r}",
+        )
+        _require(math.isfinite(weight) and weight > 0, f"{key}.weight", f"must be > 0 and finite, got {weight:g}")
+        source["weight"] = float(weight)
+        sources.append(source)
+    return sources
+
+
+def _source_name(value, key: str):
+    """An id or folder as text: a number as it was written (a folder named `2024`); a yes/no or a mapping refused."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (dict, DictConfig)):
+        raise ConfigError(f"{key}: one source is written as an id or folder; a list of sources is written [...]")
+    _require(
+        value is None or isinstance(value, str), key, f"must name a Hub dataset id or a local folder, got {value!r}"
+    )
+    return value
 
 
 @dataclass

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from vae_hf.config import DataConfig
-from vae_hf.data import DataError
+from vae_hf.data import DataError, mixture
 from vae_hf.data.buckets import nearest_bucket
 from vae_hf.data.decode import DECODE_ERRORS, decode_image, describe
 from vae_hf.data.loader import to_model_range
@@ -33,8 +33,16 @@ def is_local(dataset: str) -> bool:
     return Path(dataset).expanduser().is_dir()
 
 
-def load_image_dataset(config: DataConfig, split: str | None = None) -> Dataset | IterableDataset:
-    """The configured split with its image column left undecoded (paths or bytes)."""
+def load_image_dataset(
+    config: DataConfig, split: str | None = None, seed: int | None = None
+) -> Dataset | IterableDataset:
+    """The configured split with its image column left undecoded (paths or bytes). A mixture's sources (each its
+    own split, or `split` for all) are loaded so and interleaved, seeded by `seed` (see `vae_hf.data.mixture`)."""
+    if config.is_mixture:
+        if seed is None:
+            raise TypeError("a mixture is interleaved at random: pass the run's seed")
+        parts = [load_image_dataset(source) for source in mixture.sources(config, split)]
+        return mixture.interleave(parts, config, seed)
     split = split or config.split
     if is_local(config.dataset):
         folder = Path(config.dataset).expanduser()
@@ -388,10 +396,8 @@ def training_dataset(
 ) -> ImageDataset | StreamingImageDataset:
     """The training split, transformed lazily to uint8 pixels (`to_model_range` scales them on the device);
     streaming data is shuffled in a buffer and split by rank. Unreadable samples are substituted (see
-    `ImageDataset`), so batches never shrink."""
-    dataset = load_image_dataset(config)
-    if config.validation_split is None and config.validation_fraction > 0:
-        dataset = _held_out(dataset, config, seed)["train"]
+    `ImageDataset`), so batches never shrink. A mixture is interleaved before the stream is shuffled and split."""
+    dataset = _training_rows(config, seed)
     transform = ImageTransform(
         config.resolution,
         config.center_crop,
@@ -411,7 +417,6 @@ def training_dataset(
             processor, batched=True, batch_size=STREAM_MAP_BATCH, with_indices=True, remove_columns=dataset.column_names
         )
         return StreamingImageDataset(stream, processor)
-    require_a_usable_image(dataset, config)
     return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels, substitute=True)
 
 
@@ -419,22 +424,46 @@ STREAM_MAP_BATCH = 64
 """Rows a stream decodes together; an unreadable row is replaced from within its map batch."""
 
 
+def _training_rows(config: DataConfig, seed: int) -> Dataset | IterableDataset:
+    """The training split less its held-out images; map-style rows are checked for a usable image. A mixture: each
+    source so (each holds out its own `data.validation_fraction`, and is checked on its own), then interleaved."""
+    if config.is_mixture:
+        return mixture.interleave([_training_rows(source, seed) for source in mixture.sources(config)], config, seed)
+    dataset = load_image_dataset(config)
+    if config.validation_split is None and config.validation_fraction > 0:
+        dataset = _held_out(dataset, config, seed)["train"]
+    if not isinstance(dataset, IterableDataset):
+        require_a_usable_image(dataset, config)
+    return dataset
+
+
 def heldout_dataset(config: DataConfig, seed: int) -> ImageDataset | None:
     """Images kept out of training for evaluation: `data.validation_split`, else a seeded
-    `data.validation_fraction` of the training split, else None. Centre crops, no flips."""
+    `data.validation_fraction` of the training split, else None. Centre crops, no flips. A mixture holds out from
+    each source so, at most its share of `data.validation_max_images` (by the weights), one source after another."""
+    if config.validation_split is None and config.validation_fraction == 0:
+        return None
+    counts = mixture.shares(config.validation_max_images, config)
+    parts = [
+        _held_out_rows(source, seed, count) if count > 0 else None  # a light source's share may round to 0
+        for source, count in zip(mixture.sources(config), counts, strict=True)
+    ]
+    dataset = mixture.concatenate(parts, config) if config.is_mixture else parts[0]
+    transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
+    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+
+
+def _held_out_rows(config: DataConfig, seed: int, count: int) -> Dataset:
+    """At most `count` held-out rows of one dataset: its `data.validation_split`, else its held-out fraction."""
     if config.validation_split is not None:
         dataset = load_image_dataset(config, config.validation_split)
         if isinstance(dataset, IterableDataset):
-            dataset = Dataset.from_list(list(dataset.take(config.validation_max_images)), features=dataset.features)
-    elif config.validation_fraction > 0:
-        dataset = _held_out(load_image_dataset(config), config, seed)["test"]
+            dataset = Dataset.from_list(list(dataset.take(count)), features=dataset.features)
     else:
-        return None
+        dataset = _held_out(load_image_dataset(config), config, seed)["test"]
     if len(dataset) == 0:
         raise DataError(f"data.validation_split: no images in the held-out set of {config.dataset}")
-    dataset = dataset.select(range(min(len(dataset), config.validation_max_images)))
-    transform = ImageTransform(config.resolution, center_crop=True, random_flip=False)
-    return ImageDataset(dataset, config.image_column, transform, seed, config.max_image_pixels)
+    return dataset.select(range(min(len(dataset), count)))
 
 
 def _held_out(dataset: Dataset, config: DataConfig, seed: int):
@@ -480,7 +509,9 @@ def reference_images(config: DataConfig, buckets: list[tuple[int, int]] | None =
 
 
 def _readable_rows(config: DataConfig, lookahead: int = 100) -> list[Image.Image]:
-    """The images at `reference_indices`; an unreadable one is replaced by the next readable one."""
+    """The images at `reference_indices` (of a mixture: of its first source); an unreadable one is replaced by the
+    next readable one."""
+    config = mixture.sources(config)[0]
     split = config.reference_split or config.split
     dataset = load_image_dataset(config, split)
     if isinstance(dataset, IterableDataset):

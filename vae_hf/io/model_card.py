@@ -159,9 +159,9 @@ def front_matter(record: RunRecord, license_id: str | None) -> str:
     meta: dict[str, Any] = {"library_name": "diffusers", "tags": TAGS}
     if license_id:
         meta["license"] = license_id
-    dataset = hub_id(_get(record.config, "data", "dataset"))
-    if dataset:
-        meta["datasets"] = [dataset]
+    datasets = [hub_id(source["dataset"]) for source in _data_sources(_get(record.config, "data") or {})]
+    if any(datasets):
+        meta["datasets"] = [dataset for dataset in datasets if dataset]
     base_model = hub_id(_get(record.config, "model", "pretrained"))
     if base_model:
         meta["base_model"] = base_model
@@ -193,10 +193,16 @@ def _architecture(vae_config: dict[str, Any]) -> str | None:
 def _training(record: RunRecord) -> str:
     data = _get(record.config, "data") or {}
     lines = ["## Training", ""]
-    if data.get("dataset"):
-        lines.append(
-            f"- data: `{data['dataset']}` (split `{data.get('split', 'train')}`, {data.get('resolution', '?')} px)"
+    sources = _data_sources(data)
+    if len(sources) == 1 and not isinstance(data["dataset"], list):
+        lines.append(f"- data: `{data['dataset']}` (split `{sources[0]['split']}`, {data.get('resolution', '?')} px)")
+    elif sources:
+        weights = [float(source.get("weight", 1.0)) for source in sources]
+        mixed = ", ".join(
+            f"`{source['dataset']}` (split `{source.get('split', '?')}`, {100 * weight / sum(weights):.3g}%)"
+            for source, weight in zip(sources, weights, strict=True)
         )
+        lines.append(f"- data: a mixture of {mixed}, at {data.get('resolution', '?')} px")
     if record.global_step is None:
         lines.append("- steps trained: not recorded")
     else:
@@ -212,6 +218,15 @@ def _training(record: RunRecord) -> str:
     if record.config is None:
         lines.append("- recipe: not recorded (the folder is not inside a vae-hf output folder)")
     return "\n".join(lines)
+
+
+def _data_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The datasets a run read, each a mapping with `dataset` and `split`: the one of `data.dataset`, or each source
+    of a mixture (a list, as the resolved config writes it)."""
+    dataset = data.get("dataset")
+    if isinstance(dataset, list):
+        return [source for source in dataset if isinstance(source, dict) and source.get("dataset")]
+    return [{"dataset": dataset, "split": data.get("split", "train")}] if dataset else []
 
 
 def _losses(loss: Any) -> str | None:

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vae_hf.config import Config
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
+from vae_hf.data import mixture
 from vae_hf.data.pipeline import training_loader
 from vae_hf.errors import UserError
 from vae_hf.models.diffaug import diff_augment
@@ -391,13 +392,17 @@ def loader_section(config: Config, batches: int) -> dict[str, float]:
 
 
 def data_kind(data) -> dict[str, Any]:
-    """What the loader read, for the report: the source's format, streamed or not, buckets or squares."""
-    if image_datasets.is_local(data.dataset):
-        source = image_datasets.local_builder(Path(data.dataset).expanduser())
-    else:
-        source = "hub"
+    """What the loader read, for the report: each source's format (a local folder's builder, or the Hub), streamed
+    or not, buckets or squares."""
+
+    def source(dataset: str) -> str:
+        if image_datasets.is_local(dataset):
+            return image_datasets.local_builder(Path(dataset).expanduser())
+        return "hub"
+
+    formats = [source(part.dataset) for part in mixture.sources(data)]
     return {
-        "source": source,
+        "source": formats[0] if len(formats) == 1 else f"mixture of {' + '.join(formats)}",
         "streaming": data.streaming,
         "crops": "aspect-ratio buckets" if data.buckets else "square",
         "resolution": data.resolution,

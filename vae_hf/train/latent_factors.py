@@ -72,6 +72,7 @@ class LatentFactors:
     ):
         self.model = config.model
         self.data = config.data
+        self.seed = config.seed
         self.batch_size = config.train.batch_size
         self.encoder_trains = not config.model.train_decoder_only
         self.resumed = resumed
@@ -124,7 +125,7 @@ class LatentFactors:
         if self._heldout_batches is not None:
             return self._heldout_batches()
         if self._first_images is None:
-            self._first_images = first_images(self.data, MEASURED_IMAGES)
+            self._first_images = first_images(self.data, MEASURED_IMAGES, self.seed)
         data = self.data
         return ImageBatches(
             self._first_images, data.image_column, data.resolution, self.batch_size, 0, data.max_image_pixels
@@ -146,9 +147,10 @@ class LatentFactors:
         )
 
 
-def first_images(data, count: int) -> Dataset:
-    """The first `count` rows of the training split (of a stream too), as a map-style dataset."""
-    dataset = load_image_dataset(data)
+def first_images(data, count: int, seed: int) -> Dataset:
+    """The first `count` rows of the training split (of a stream too; of a mixture, as interleaved with the run's
+    `seed`), as a map-style dataset."""
+    dataset = load_image_dataset(data, seed=seed)
     if isinstance(dataset, IterableDataset):
         return Dataset.from_list(list(dataset.take(count)), features=dataset.features)
     return dataset.select(range(min(count, len(dataset))))
