@@ -108,9 +108,9 @@ def test_bench_times_the_loader_alone_without_building_a_model(image_folder, tmp
     assert report["data_loader"]["images_per_s"] > 0 and report["data_loader"]["batches_timed"] == 20
     assert report["data_loader"]["passes"] == 6  # 4 batches a pass; the first batch of all is not timed
     assert report["data_loader"]["workers"] == 1 and "trainer_disc_off" not in report
-    assert "data loader: " in benchmark.markdown(report) and "(20 batches, 6 passes over the data)" in (
-        benchmark.markdown(report)
-    )
+    assert "data loader (imagefolder, square at 32 px): " in benchmark.markdown(
+        report
+    ) and "(20 batches, 6 passes over the data)" in (benchmark.markdown(report))
 
 
 def test_bench_with_nothing_to_measure_says_so(capsys):

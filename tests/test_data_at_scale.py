@@ -5,7 +5,9 @@ downsamples by 2, `data.bucket_step=8` at 32 px gives three buckets, 40x24 (tall
 
 import io
 import math
+import os
 import random
+import signal
 import tarfile
 from pathlib import Path
 
@@ -13,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vae_hf.config import ConfigError, load_config
+from vae_hf.config import ConfigError, DataConfig, load_config
+from vae_hf.data import DataError
 from vae_hf.data.buckets import BucketBatchSampler, bucket_sizes, default_bucket_step, nearest_bucket
+from vae_hf.data.loader import bucket_list
 from vae_hf.perf.benchmark import benchmark, markdown
 from vae_hf.train.trainer import Trainer
 
@@ -46,6 +50,15 @@ def test_generated_buckets_follow_sdxl_and_respect_the_factor_area_and_ratio():
             assert height * width <= resolution**2 and max(height, width) <= ratio * min(height, width)
             assert (width, height) in sizes
     assert bucket_sizes(32, 8, 2.0) == BUCKETS_32
+
+
+def test_a_listed_bucket_set_scales_with_a_stage_and_must_fit_the_factor():
+    data = DataConfig(resolution=256, bucket_sizes=[[192, 320], [256, 256], [320, 192]])
+    assert bucket_list(data, 8) == [(192, 320), (256, 256), (320, 192)]
+    assert bucket_list(data, 8, resolution=512) == [(384, 640), (512, 512), (640, 384)]
+    assert bucket_list(data, 8, resolution=384) == [(288, 480), (384, 384), (480, 288)]
+    with pytest.raises(DataError, match="not a multiple of the VAE's downsampling factor 64"):
+        bucket_list(data, 64)  # a pretrained VAE's factor is known only once it is loaded
 
 
 def test_every_image_keeps_its_aspect_ratio_within_the_bucket_lists_step():
@@ -107,13 +120,24 @@ def build(folder: Path, output_dir: Path, **overrides) -> Trainer:
     return Trainer(load_config(None, tiny_overrides(folder, output_dir, **values)))
 
 
-def recorded_run(folder: Path, output_dir: Path, **overrides) -> tuple[Trainer, list[tuple[int, torch.Tensor]]]:
-    """Train; return the trainer and (optimizer step, images) of every micro-batch."""
+def recorded_run(
+    folder: Path, output_dir: Path, sigterm_after: int | None = None, **overrides
+) -> tuple[Trainer, list[tuple[int, torch.Tensor]]]:
+    """Train (sent SIGTERM after optimizer step `sigterm_after`, when given); return the trainer and (optimizer
+    step, images) of every micro-batch."""
     trainer = build(folder, output_dir, **overrides)
     seen, real_step = [], trainer.training_step
-    trainer.training_step = lambda images: (
-        seen.append((trainer.progress.global_step + 1, images.clone())) or (real_step(images))
-    )
+
+    def step(images):
+        seen.append((trainer.progress.global_step + 1, images.clone()))
+        return real_step(images)
+
+    def stop(trainer):
+        if trainer.progress.global_step == sigterm_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.training_step = step
+    trainer.step_callbacks.append(stop)
     trainer.train()
     return trainer, seen
 
@@ -123,8 +147,8 @@ STAGES = "[{until_step: 3}, {until_step: 6, resolution: 48, batch_size: 1, gradi
 
 def test_buckets_and_stages_switch_at_the_step_and_resume_mid_epoch_in_stage_two(shapes_folder, tmp_path):
     """Buckets with random crops and flips, and two stages: steps 1-3 train batches of 2 at 32 px's buckets, steps
-    4-6 two micro-batches of 1 at 48 px's. Every micro-batch has one shape, of its stage's list. Stopped after
-    step 5 (mid-epoch, in stage 2) and resumed, the run trains on the uninterrupted run's images and ends with
+    4-6 two micro-batches of 1 at 48 px's. Every micro-batch has one shape, of its stage's list. Sent SIGTERM
+    after step 5 (mid-epoch, in stage 2) and resumed, the run trains on the uninterrupted run's images and ends with
     its weights. Samples and held-out scores see each image in its own bucket."""
     wide = sorted((shapes_folder / "shape_1").iterdir())[0]  # 48x80: the 24x40 bucket
     options = {
@@ -149,7 +173,8 @@ def test_buckets_and_stages_switch_at_the_step_and_resume_mid_epoch_in_stage_two
     assert shapes <= set(BUCKETS_32) and len(shapes) >= 2
 
     run = tmp_path / "run"
-    _, first = recorded_run(shapes_folder, run, **{**options, "train.max_steps": 5, "train.checkpoint_every_steps": 5})
+    stopped, first = recorded_run(shapes_folder, run, sigterm_after=5, **options)
+    assert stopped.stop_signal == "SIGTERM" and stopped.progress.global_step == 5
     resumed, second = recorded_run(shapes_folder, run, **options, **{"train.resume_from": "latest"})
     assert [step for step, _ in second] == [6, 6]
     for (step, expected), (_, got) in zip(seen, first + second, strict=True):

@@ -1,19 +1,23 @@
 """The scaling_factor (and shift_factor) an exported VAE carries: measured for an encoder that trained, the
 starting model's for a decoder-only fine-tune, and a factor written by `vae-hf latent-stats` kept."""
 
+import contextlib
+import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
 from vae_hf.analysis.latent_stats import ImageBatches, latent_statistics
+from vae_hf.cli import main
 from vae_hf.config import load_config
 from vae_hf.data.datasets import load_image_dataset
 from vae_hf.train.latent_factors import LatentFactors
 
-from conftest import run_cli, tiny_overrides, tiny_vae
+from conftest import tiny_overrides, tiny_vae
 
 DEFAULT = 0.18215  # diffusers' AutoencoderKL default: right for SD's VAE only
 
@@ -22,10 +26,13 @@ def exported_config(run: Path, folder: str = "vae") -> dict:
     return json.loads((run / folder / "config.json").read_text())
 
 
-def train(image_folder: Path, run: Path, **overrides):
-    result = run_cli("train", *tiny_overrides(image_folder, run, **{"loss.disc_weight": 0, **overrides}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+def train(image_folder: Path, run: Path, **overrides) -> SimpleNamespace:
+    """`vae-hf train` in this process (a fresh one costs seconds of imports), its printed lines kept."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["train", *tiny_overrides(image_folder, run, **{"loss.disc_weight": 0, **overrides})])
+    assert status == 0, printed.getvalue()[-3000:]
+    return SimpleNamespace(stdout=printed.getvalue())
 
 
 def test_a_vae_trained_from_scratch_is_exported_with_its_measured_scaling_factor(image_folder, tmp_path):
@@ -77,8 +84,8 @@ def test_a_decoder_only_run_keeps_the_starting_factor_and_then_the_one_latent_st
     assert exported_config(run)["scaling_factor"] == 0.77
     assert str(starting) in exported_config(run)["_latent_factors_source"]["scaling_factor"]
 
-    written = run_cli("latent-stats", "--model", str(run / "vae"), "--data", str(image_folder), "--write")
-    assert written.returncode == 0, written.stderr
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["latent-stats", "--model", str(run / "vae"), "--data", str(image_folder), "--write"]) == 0
     measured = exported_config(run)["scaling_factor"]
     assert measured != 0.77
 

@@ -186,8 +186,9 @@ class DataConfig:
     the nearest of a list of (height, width) sizes of area about resolution², and cropped to it; every batch holds
     one size, the same on every process at every step (map-style data only: not with data.streaming)."""
     bucket_sizes: List[List[int]] = field(default_factory=list)
-    """The buckets as [height, width] pairs, each side a multiple of the VAE's downsampling factor; empty: made from
-    data.resolution, data.bucket_step and data.bucket_max_aspect_ratio (SDXL's convention)."""
+    """The buckets as [height, width] pairs at data.resolution, each side a multiple of the VAE's downsampling factor
+    (a train.stages stage at another resolution scales them); empty: made from data.resolution, data.bucket_step and
+    data.bucket_max_aspect_ratio (SDXL's convention)."""
     bucket_step: Optional[int] = None
     """Side step of the generated buckets, in pixels; null: resolution / 16 rounded up to a multiple of the
     downsampling factor (SDXL: 64 px at 1024 px; 16 px at 256 px)."""

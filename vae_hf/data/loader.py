@@ -57,10 +57,15 @@ def build_dataloader(
 
 def bucket_list(config: DataConfig, factor: int, resolution: int | None = None) -> list[tuple[int, int]]:
     """The buckets of `data.bucket_sizes`, else made for `resolution` (default: data.resolution; a stage may set
-    another); each side must be a multiple of the VAE's downsampling `factor`."""
+    another); each side must be a multiple of the VAE's downsampling `factor`. A stage at another resolution
+    scales the listed sizes by its resolution / data.resolution (to multiples of `factor`)."""
     resolution = resolution or config.resolution
     if config.bucket_sizes:
-        sizes = [(int(height), int(width)) for height, width in config.bucket_sizes]
+        scale = resolution / config.resolution
+        sizes = [
+            (max(factor, round(height * scale / factor) * factor), max(factor, round(width * scale / factor) * factor))
+            for height, width in config.bucket_sizes
+        ]
     else:
         step = config.bucket_step or default_bucket_step(resolution, factor)
         sizes = bucket_sizes(resolution, step, config.bucket_max_aspect_ratio)
