@@ -57,8 +57,8 @@ def test_a_listed_bucket_set_scales_with_a_stage_and_must_fit_the_factor():
     assert bucket_list(data, 8) == [(192, 320), (256, 256), (320, 192)]
     assert bucket_list(data, 8, resolution=512) == [(384, 640), (512, 512), (640, 384)]
     assert bucket_list(data, 8, resolution=384) == [(288, 480), (384, 384), (480, 288)]
-    with pytest.raises(DataError, match="not a multiple of the VAE's downsampling factor 64"):
-        bucket_list(data, 64)  # a pretrained VAE's factor is known only once it is loaded
+    with pytest.raises(DataError, match="bucket 192x320 is not a multiple of the VAE's downsampling factor 128"):
+        bucket_list(data, 128)  # a pretrained VAE's factor is known only once it is loaded
 
 
 def test_every_image_keeps_its_aspect_ratio_within_the_bucket_lists_step():

@@ -145,45 +145,28 @@ def test_bad_config_is_refused_before_any_compute(tmp_path, override, key):
     assert not output_dir.exists()
 
 
-def test_missing_dataset_folder_is_one_line(tmp_path):
-    result = run(
-        [
-            sys.executable,
-            "train_autoencoder.py",
-            f"output_dir={tmp_path / 'run'}",
-            f"data.dataset={tmp_path / 'missing'}",
-            "loss.perceptual_pretrained=false",
-        ]
+def test_missing_dataset_folder_is_one_line(tmp_path, capsys):
+    from vae_hf.cli import train_main
+
+    status = train_main(
+        [f"output_dir={tmp_path / 'run'}", f"data.dataset={tmp_path / 'missing'}", "loss.perceptual_pretrained=false"]
     )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("vae-hf: error: data.dataset")
+    assert status == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("vae-hf: error: data.dataset")
 
 
-def test_a_real_recipe_without_vgg_weights_stops_at_once_naming_the_override(tmp_path):
+def test_a_real_recipe_without_vgg_weights_stops_at_once_naming_the_override(tmp_path, capsys, monkeypatch):
     """Offline (as here and in CI) the pretrained LPIPS trunk cannot be fetched: a real recipe
     (loss.perceptual_pretrained: true) says so, instantly."""
-    env_home = tmp_path / "torch_home"  # an empty cache, whatever this machine has downloaded
+    import vae_hf.models.perceptual as perceptual
+    from vae_hf.cli import train_main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty cache, whatever this machine has
+    monkeypatch.setattr(perceptual, "unreachable_reason", lambda url, timeout_s=5.0: "cannot reach it: offline")
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import sys, vae_hf.models.perceptual as p;"
-                "p.unreachable_reason = lambda url, timeout_s=5.0: 'cannot reach download.pytorch.org: offline';"
-                "from vae_hf.cli import train_main;"
-                "sys.exit(train_main(['--config', 'configs/celebahq_256.yaml', f'output_dir={sys.argv[1]}']))"
-            ),
-            str(tmp_path / "run"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**__import__("os").environ, "TORCH_HOME": str(env_home)},
-    )
-    assert result.returncode == 2
-    message = result.stderr.strip().splitlines()[-1]
+    status = train_main(["--config", "configs/celebahq_256.yaml", f"output_dir={tmp_path / 'run'}"])
+    assert status == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "loss.perceptual_pretrained=false" in message and "VGG16" in message
     assert time.monotonic() - started < 60
     assert not (tmp_path / "run").exists()

@@ -29,8 +29,8 @@ from vae_hf.analysis.inference import (
 )
 from vae_hf.cli import main
 
-from conftest import run_cli, write_images
 from conftest import tiny_vae as conftest_tiny_vae
+from conftest import write_images
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
@@ -162,15 +162,15 @@ def test_interpolation_grid_holds_a_linear_and_a_spherical_row_of_steps(tmp_path
 
 def test_reconstruct_and_interpolate_commands_write_their_images(tmp_path, vae_folder):
     paths = write_images(tmp_path / "in", 2, size=(40, 48))
-    result = run_cli("reconstruct", "--model", str(vae_folder), "--input", str(tmp_path / "in"), "--out",
-                     str(tmp_path / "out"), "--save-latents")  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    status = main(["reconstruct", "--model", str(vae_folder), "--input", str(tmp_path / "in"), "--out",
+                   str(tmp_path / "out"), "--save-latents"])  # fmt: skip
+    assert status == 0
     assert size_of(tmp_path / "out" / "image_01.png") == (48, 40)
     assert (tmp_path / "out" / "image_01.safetensors").is_file()
     grid = tmp_path / "grid.png"
-    result = run_cli("interpolate", "--model", str(vae_folder), str(paths[0]), str(paths[1]), "--steps", "3",
-                     "--out", str(grid))  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    status = main(["interpolate", "--model", str(vae_folder), str(paths[0]), str(paths[1]), "--steps", "3",
+                   "--out", str(grid)])  # fmt: skip
+    assert status == 0
     assert size_of(grid) == (3 * 32, 2 * 32)  # the model's sample_size is the default resolution
 
 

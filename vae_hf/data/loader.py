@@ -61,11 +61,10 @@ def bucket_list(config: DataConfig, factor: int, resolution: int | None = None) 
     scales the listed sizes by its resolution / data.resolution (to multiples of `factor`)."""
     resolution = resolution or config.resolution
     if config.bucket_sizes:
-        scale = resolution / config.resolution
-        sizes = [
-            (max(factor, round(height * scale / factor) * factor), max(factor, round(width * scale / factor) * factor))
-            for height, width in config.bucket_sizes
-        ]
+        sizes = [(int(height), int(width)) for height, width in config.bucket_sizes]
+        if resolution != config.resolution:
+            scale = resolution / config.resolution
+            sizes = [tuple(max(factor, round(side * scale / factor) * factor) for side in size) for size in sizes]
     else:
         step = config.bucket_step or default_bucket_step(resolution, factor)
         sizes = bucket_sizes(resolution, step, config.bucket_max_aspect_ratio)
