@@ -296,3 +296,26 @@ def test_evaluate_says_how_many_images_it_enlarged_to_the_crop(two_models, image
     assert "upscaled: 8 image(s) have a short side under 64 px and were enlarged to it" in capsys.readouterr().out
     assert main([*args, "0", "--resolution", "32", "--max-images", "3", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["images_upscaled"] == 0 and "upscaled" not in capsys.readouterr().out
+
+
+def test_evaluate_with_buckets_scores_each_image_at_its_own_aspect_ratio(two_models, tmp_path, capsys):
+    """`--buckets`: the same images as the square crops (the first --max-images rows), each cropped to its
+    aspect-ratio bucket, batched by bucket; the report says so."""
+    data = tmp_path / "shapes"
+    for number, size in enumerate([(40, 48), (48, 80), (80, 40)]):
+        write_images(data / f"shape_{number}", 3, size=size, seed=number)
+    request = evaluation.EvaluationRequest(
+        models=two_models[:1], data=str(data), resolution=32, max_images=7, metrics="psnr", num_workers=0,
+        buckets=True,
+    )  # fmt: skip
+    shapes = {tuple(batch["pixel_values"].shape[-2:]) for batch in evaluation.image_loader(request, factor=2)}
+    assert (32, 32) not in shapes and len(shapes) == 3  # three shapes, none square: three buckets
+    assert all(height * width <= 32 * 32 for height, width in shapes)
+    options = ["--resolution", "32", "--max-images", "7", "--metrics", "psnr", "--num-workers", "0", "--buckets"]
+    assert (
+        main(["evaluate", "--model", two_models[0], "--data", str(data), *options, "--out", str(tmp_path / "s.json")])
+        == 0
+    )
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["crops"] == "aspect-ratio buckets" and report["results"][0]["num_images"] == 7
+    assert "crops: each image in its aspect-ratio bucket" in capsys.readouterr().out

@@ -35,6 +35,7 @@ from torchmetrics.image import FrechetInceptionDistance, StructuralSimilarityInd
 from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configure_tiling, downsampling_factor
 from vae_hf.analysis.samples import reconstruct
 from vae_hf.config import CHOICES, DataConfig
+from vae_hf.data.buckets import assign_buckets, bucket_sizes, default_bucket_step, grouped_batches, image_sizes
 from vae_hf.data.datasets import ImageDataset, ImageTransform, load_image_dataset, require_a_usable_image
 from vae_hf.data.decode import DECODE_ERRORS
 from vae_hf.data.loader import collate
@@ -324,6 +325,9 @@ class EvaluationRequest:
     """Pretrained VGG trunk for LPIPS; false: random trunk, no download (offline tests only)."""
     out: str | None = None
     """JSON file to write the results to."""
+    buckets: bool = False
+    """Score each image at its own aspect ratio: resized to cover, and cropped to, the nearest aspect-ratio bucket of
+    area about resolution² (the buckets `data.buckets` trains on, with the defaults), instead of the square crop."""
 
     def __post_init__(self) -> None:
         parse_metric_names(self.metrics)  # refuse unknown names before anything is loaded
@@ -351,7 +355,8 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
     if request.out is not None:
         require_writable(Path(request.out))
     vaes = [load_checked_vae(source, request.resolution) for source in request.models]  # before data: cheaper
-    loader = image_loader(request)
+    factor = max(2 ** (len(vae.config.block_out_channels) - 1) for vae in vaes)
+    loader = image_loader(request, factor)
     upscaled = count_upscaled(loader.dataset.dataset, request.image_column, request.resolution, request.max_images)
     metrics = ReconstructionMetrics(request.metric_names, request.perceptual_pretrained, fid_features)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -364,6 +369,7 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
         "data": request.data,
         "split": request.split,
         "resolution": request.resolution,
+        "crops": "aspect-ratio buckets" if request.buckets else "square",
         "metrics": [metrics.score_name(name) for name in request.metric_names],
         "psnr_cap_db": PSNR_CAP_DB,
         "images_upscaled": upscaled,
@@ -371,8 +377,10 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
     }
 
 
-def image_loader(request: EvaluationRequest) -> DataLoader:
-    """The split's images, centre-cropped, in order; unreadable files are skipped and counted by `collate`."""
+def image_loader(request: EvaluationRequest, factor: int = 8) -> DataLoader:
+    """The split's images, centre-cropped, in order; unreadable files are skipped and counted by `collate`. With
+    `request.buckets`, the first `max_images` rows in batches of one bucket each (sides multiples of `factor`, the
+    models' largest downsampling factor)."""
     config = DataConfig(
         dataset=request.data,
         split=request.split,
@@ -384,8 +392,15 @@ def image_loader(request: EvaluationRequest) -> DataLoader:
     dataset = load_image_dataset(config)
     require_a_usable_image(dataset, config)
     transform = ImageTransform(request.resolution, center_crop=True)
+    if request.buckets and request.max_images is not None:  # the same images as without buckets, grouped
+        dataset = dataset.select(range(min(len(dataset), request.max_images)))
     images = ImageDataset(dataset, config.image_column, transform, seed=0, max_pixels=config.max_image_pixels)
-    return DataLoader(images, batch_size=request.batch_size, num_workers=request.num_workers, collate_fn=collate)
+    if not request.buckets:
+        return DataLoader(images, batch_size=request.batch_size, num_workers=request.num_workers, collate_fn=collate)
+    buckets = bucket_sizes(request.resolution, default_bucket_step(request.resolution, factor), 2.0)
+    rows = assign_buckets(image_sizes(dataset, config.image_column), buckets)
+    batches = grouped_batches(rows, buckets, request.batch_size)
+    return DataLoader(images, batch_sampler=batches, num_workers=request.num_workers, collate_fn=collate)
 
 
 def count_upscaled(dataset, image_column: str, resolution: int, limit: int | None = None) -> int:
@@ -472,6 +487,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {row['num_images']} | {row['images_skipped']} |")
     reasons = dict.fromkeys(row["rfid_unavailable"] for row in report["results"] if "rfid_unavailable" in row)
     lines += [f"\nrFID n/a: {reason}" for reason in reasons]
+    if report.get("crops") == "aspect-ratio buckets":
+        lines.append(f"\ncrops: each image in its aspect-ratio bucket of area about {report['resolution']}² px.")
     if "psnr" in names:
         lines.append(f"\nPSNR: mean over images of each image's PSNR, capped at {PSNR_CAP_DB:g} dB (an exact copy).")
     if report.get("images_upscaled"):

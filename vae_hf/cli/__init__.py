@@ -171,6 +171,9 @@ def _add_evaluate(commands) -> None:
     _add_models_and_images(parser, "repeat to compare models side by side")
     parser.add_argument("--max-images", type=int, default=None, help="stop after N usable images")
     parser.add_argument("--metrics", default=",".join(CHOICES["train.eval_metrics"]), help="comma-separated subset")
+    parser.add_argument(
+        "--buckets", action="store_true", help="each image at its own aspect ratio (nearest bucket), not a square crop"
+    )
     _add_batching_and_output(parser)
     parser.set_defaults(
         run=lambda args: _command("evaluate", "run_evaluation")(
@@ -186,6 +189,7 @@ def _add_evaluate(commands) -> None:
                 num_workers=args.num_workers,
                 perceptual_pretrained=not args.perceptual_random,
                 out=args.out,
+                buckets=args.buckets,
             )
         )
     )
