@@ -196,7 +196,7 @@ def test_a_hub_dataset_offline_fails_at_once_with_a_clear_message(monkeypatch):
 def test_fast_jpeg_decode_decodes_at_reduced_scale_and_matches_a_full_decode(tmp_path):
     """A 1024 px photo wanted at 256 px is decoded at 1/4 scale by libjpeg; the training crop differs from a
     full decode + bicubic resize only far below what a VAE resolves (> 40 dB PSNR). PNGs are untouched."""
-    from vae_hf.data.datasets import try_transform
+    from vae_hf.data.transforms import try_transform
 
     from conftest import write_images
 

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 from vae_hf.analysis.latent_stats import ImageBatches, latent_statistics
 from vae_hf.cli import main
 from vae_hf.config import load_config
-from vae_hf.data.datasets import load_image_dataset
+from vae_hf.data.sources import load_image_dataset
 from vae_hf.train.latent_factors import LatentFactors
 
 from conftest import tiny_overrides, tiny_vae

@@ -18,8 +18,8 @@ from vae_hf.analysis.latent_stats import (
 )
 from vae_hf.cli import main
 from vae_hf.cli.latent_stats import latent_stats_command
-from vae_hf.data.datasets import ImageTransform
 from vae_hf.data.decode import decode_image
+from vae_hf.data.transforms import ImageTransform
 
 from conftest import run_cli
 from conftest import tiny_vae as conftest_tiny_vae

@@ -17,7 +17,8 @@ from PIL import Image
 
 from vae_hf.config import ConfigError, DataConfig, load_config, to_yaml
 from vae_hf.data import mixture
-from vae_hf.data.datasets import heldout_dataset, load_image_dataset, training_dataset
+from vae_hf.data.datasets import heldout_dataset, training_dataset
+from vae_hf.data.sources import load_image_dataset
 from vae_hf.io.model_card import RunRecord, render_card
 from vae_hf.train.trainer import Trainer
 

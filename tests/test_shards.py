@@ -13,7 +13,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from vae_hf.config import DataConfig, load_config
-from vae_hf.data.datasets import ImageTransform, load_image_dataset, local_builder, training_dataset
+from vae_hf.data.datasets import training_dataset
+from vae_hf.data.sources import load_image_dataset, local_builder
+from vae_hf.data.transforms import ImageTransform
 from vae_hf.train.trainer import Trainer
 
 from conftest import tiny_overrides, write_images

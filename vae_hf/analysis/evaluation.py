@@ -36,9 +36,11 @@ from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configur
 from vae_hf.analysis.samples import reconstruct
 from vae_hf.config import CHOICES, DataConfig
 from vae_hf.data.buckets import assign_buckets, bucket_sizes, default_bucket_step, grouped_batches, image_sizes
-from vae_hf.data.datasets import ImageDataset, ImageTransform, load_image_dataset, require_a_usable_image
+from vae_hf.data.datasets import ImageDataset, require_a_usable_image
 from vae_hf.data.decode import DECODE_ERRORS
 from vae_hf.data.loader import collate
+from vae_hf.data.sources import load_image_dataset
+from vae_hf.data.transforms import ImageTransform
 from vae_hf.errors import UserError
 from vae_hf.models.perceptual import build_lpips, require_vgg_weights
 from vae_hf.models.vae import load_vae

@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from vae_hf.data.datasets import ImageTransform
 from vae_hf.data.decode import DECODE_ERRORS, decode_image
+from vae_hf.data.transforms import ImageTransform
 from vae_hf.errors import UserError
 from vae_hf.io.files import plain_permissions
 

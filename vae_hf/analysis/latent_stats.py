@@ -20,8 +20,9 @@ from datasets import Dataset
 from diffusers import AutoencoderKL
 from torch.utils.data import DataLoader
 
-from vae_hf.data.datasets import ImageDataset, ImageTransform
+from vae_hf.data.datasets import ImageDataset
 from vae_hf.data.loader import collate
+from vae_hf.data.transforms import ImageTransform
 from vae_hf.errors import UserError
 from vae_hf.io.export import FACTORS_SOURCE_KEY
 from vae_hf.io.files import plain_permissions

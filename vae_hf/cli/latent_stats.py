@@ -13,7 +13,7 @@ from vae_hf.analysis.latent_stats import (
 )
 from vae_hf.config import DataConfig
 from vae_hf.data import DataError
-from vae_hf.data.datasets import load_image_dataset
+from vae_hf.data.sources import load_image_dataset
 from vae_hf.models.vae import load_vae
 
 

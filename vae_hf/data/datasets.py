@@ -1,256 +1,30 @@
-"""Images from a Hugging Face `datasets` source (a Hub dataset or a local folder): splits, transforms, reference images.
+"""Training and held-out images as tensors: the map-style and streaming datasets (a broken sample replaced by a
+readable one), the held-out split, and the reference images of the sample PNGs.
 
 Images are decoded by our own code (`vae_hf.data.decode`) rather than by the `Image` feature, so that every
 file goes through one conversion to RGB and a file that will not decode is skipped and counted instead of
-killing the run.
+killing the run. Where they come from is `vae_hf.data.sources`; how a decoded image becomes pixels is
+`vae_hf.data.transforms`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset, load_dataset
-from datasets import Image as ImageFeature
-from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
+from datasets import Dataset, IterableDataset
+from PIL import Image
 
 from vae_hf.config import DataConfig
 from vae_hf.data import DataError, mixture
 from vae_hf.data.buckets import nearest_bucket
 from vae_hf.data.decode import DECODE_ERRORS, decode_image, describe
-from vae_hf.data.loader import to_model_range
-from vae_hf.offline import is_local_path, require_hub
+from vae_hf.data.sources import load_image_dataset
+from vae_hf.data.transforms import ImageTransform, sample_seed, try_transform, unreadable, unreadable_reason
 
 logger = logging.getLogger(__name__)
-
-
-def is_local(dataset: str) -> bool:
-    return Path(dataset).expanduser().is_dir()
-
-
-def load_image_dataset(
-    config: DataConfig, split: str | None = None, seed: int | None = None
-) -> Dataset | IterableDataset:
-    """The configured split with its image column left undecoded (paths or bytes). A mixture's sources (each its
-    own split, or `split` for all) are loaded so and interleaved, seeded by `seed` (see `vae_hf.data.mixture`)."""
-    if config.is_mixture:
-        if seed is None:
-            raise TypeError("a mixture is interleaved at random: pass the run's seed")
-        parts = [load_image_dataset(source) for source in mixture.sources(config, split)]
-        return mixture.interleave(parts, config, seed)
-    split = split or config.split
-    if is_local(config.dataset):
-        folder = Path(config.dataset).expanduser()
-        builder = local_builder(folder)
-        dataset = _load(
-            lambda: load_dataset(builder, data_dir=str(folder), split=split, streaming=config.streaming),
-            config.dataset,
-            split,
-        )
-    else:
-        if Path(config.dataset).expanduser().exists():
-            raise DataError(f"data.dataset: {config.dataset} is not a folder")
-        if is_local_path(config.dataset):
-            raise DataError(f"data.dataset: no such folder {config.dataset}")
-        require_hub(
-            f"data.dataset={config.dataset}",
-            "Use a local image folder, or pre-download the dataset and set HF_DATASETS_OFFLINE=1.",
-        )
-        dataset = _load(
-            lambda: load_dataset(config.dataset, split=split, streaming=config.streaming), config.dataset, split
-        )
-    return _with_image_column(dataset, config)
-
-
-SHARD_BUILDERS = {".tar": "webdataset", ".parquet": "parquet"}
-"""Local files read as shards, by the `datasets` builder of their format; any other folder is an image folder."""
-
-
-def local_builder(folder: Path) -> str:
-    """The `datasets` builder that reads a local folder: `webdataset` for .tar shards, `parquet` for Parquet
-    files, else `imagefolder` (image files, read recursively). Splits follow the files' names as `datasets`
-    infers them (`train-00000.tar`, `validation/...`; one `train` split otherwise). An image folder without
-    images stops with one line (the builder's own message, `Instruction "train" corresponds to no data!`, names
-    neither the folder nor what it looks for). One walk of the folder tells both."""
-    found, has_images = set(), False
-    for path in _visible_files(folder):
-        suffix = path.suffix.lower()
-        if suffix in SHARD_BUILDERS:
-            found.add(SHARD_BUILDERS[suffix])
-        has_images = has_images or suffix in IMAGE_EXTENSIONS
-    if len(found) > 1:
-        raise DataError(f"data.dataset: {folder} holds both WebDataset (.tar) and Parquet files; give each its folder")
-    if found:
-        return found.pop()
-    if not has_images:
-        raise DataError(
-            f"data.dataset: no image files in {folder} (read recursively: {', '.join(COMMON_EXTENSIONS)} and the "
-            f"other {len(IMAGE_EXTENSIONS) - len(COMMON_EXTENSIONS)} extensions Pillow opens)"
-        )
-    return "imagefolder"
-
-
-def _visible_files(folder: Path):
-    """The files below `folder` the `datasets` builders read: hidden files and folders (`.name`, `__name`) left out."""
-    for path in folder.rglob("*"):
-        hidden = any(part.startswith((".", "__")) for part in path.relative_to(folder).parts)
-        if not hidden and path.is_file():
-            yield path
-
-
-_announced_columns: set[tuple[str, str]] = set()
-DEFAULT_IMAGE_COLUMN = DataConfig.image_column
-
-
-def _with_image_column(dataset, config: DataConfig):
-    """The dataset with its images, left undecoded, under `data.image_column`: the named column, else (when that is
-    the default, `image`) its only image column (WebDataset shards name it by extension, `jpg` or `png`), renamed;
-    else a one-line error. (The column is
-    cast before it is renamed: a stream renamed first decodes its images despite the cast.)"""
-    columns = dataset.column_names or list(dataset.features or {})
-    if config.image_column in columns:
-        return dataset.cast_column(config.image_column, ImageFeature(decode=False))
-    images = [name for name, feature in (dataset.features or {}).items() if isinstance(feature, ImageFeature)]
-    if len(images) == 1 and config.image_column == DEFAULT_IMAGE_COLUMN:  # a column named by the user is not guessed
-        if (config.dataset, images[0]) not in _announced_columns:
-            _announced_columns.add((config.dataset, images[0]))
-            logger.warning(
-                "data.image_column: %s has no column %r; using its image column %r",
-                config.dataset,
-                config.image_column,
-                images[0],
-            )
-        return dataset.cast_column(images[0], ImageFeature(decode=False)).rename_column(images[0], config.image_column)
-    which = f"image columns: {', '.join(images)}" if images else f"columns: {', '.join(columns)}"
-    raise DataError(f"data.image_column: no column {config.image_column!r} in {config.dataset} ({which})")
-
-
-# What the `imagefolder` builder reads: every extension Pillow opens, in any case, hidden files and folders left out.
-IMAGE_EXTENSIONS = frozenset(ImageFolder.EXTENSIONS)
-COMMON_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def _load(loader, name: str, split: str):
-    try:
-        return loader()
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise DataError(f"data.dataset: cannot load split {split!r} of {name}: {str(error).splitlines()[0]}") from None
-
-
-@dataclass
-class ImageTransform:
-    """Resize the short side to `resolution`, crop a square, maybe flip, scale to [-1, 1].
-
-    With `uint8`, the pixels stay 0..255 bytes and `to_model_range` scales them where they are used: the
-    training loader's workers then pass a quarter of the bytes to the training process, which copies a
-    quarter to the GPU.
-    """
-
-    resolution: int
-    center_crop: bool = True
-    random_flip: bool = False
-    draft_jpeg: bool = False  # decode JPEGs at a reduced scale still >= resolution (see decode_image)
-    uint8: bool = False
-    min_side: int | None = None  # training filters: such images are not used (see `check`)
-    max_aspect_ratio: float | None = None
-
-    @property
-    def draft_size(self) -> int | None:
-        """The size a JPEG may be decoded down to: no smaller than the crop, nor than `min_side` (so that the
-        filter sees a drafted image's sides on the same side of `min_side` as the file's)."""
-        return max(self.resolution, self.min_side or 0) if self.draft_jpeg else None
-
-    def check(self, image: Image.Image) -> Image.Image:
-        """Refuse (`ImageFiltered`) an image the training filters leave out: a short side under `min_side`
-        (it would be upscaled), or a long side over `max_aspect_ratio` times the short one (a crop would keep
-        little of it)."""
-        short, long = sorted(image.size)
-        if self.min_side is not None and short < self.min_side:
-            raise ImageFiltered(f"{image.width}x{image.height} is smaller than data.min_side={self.min_side}")
-        if self.max_aspect_ratio is not None and long > self.max_aspect_ratio * short:
-            raise ImageFiltered(
-                f"{image.width}x{image.height} is more elongated than data.max_aspect_ratio={self.max_aspect_ratio:g}"
-            )
-        return image
-
-    def __call__(
-        self, image: Image.Image, generator: torch.Generator | None = None, size: tuple[int, int] | None = None
-    ) -> torch.Tensor:
-        """The image as pixels of the square crop, or with `size` (height, width: an aspect-ratio bucket)
-        resized to cover that size, keeping its aspect ratio, and cropped to it."""
-        crop_height, crop_width = size or (self.resolution, self.resolution)
-        if size is None:
-            image = TF.resize(image, self.resolution, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        else:
-            scale = max(crop_height / image.height, crop_width / image.width)
-            covering = [max(crop_height, round(image.height * scale)), max(crop_width, round(image.width * scale))]
-            image = TF.resize(image, covering, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-        width, height = image.size
-        if self.center_crop:
-            image = TF.center_crop(image, [crop_height, crop_width])
-        else:
-            top = int(torch.randint(0, height - crop_height + 1, (), generator=generator))
-            left = int(torch.randint(0, width - crop_width + 1, (), generator=generator))
-            image = TF.crop(image, top, left, crop_height, crop_width)
-        pixels = TF.pil_to_tensor(image)  # (3, R, R) uint8
-        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
-            pixels = pixels.flip(-1)
-        return pixels if self.uint8 else to_model_range(pixels)
-
-
-def sample_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (run seed, epoch, index, ...), the same in every process."""
-    value = 0x9E3779B97F4A7C15
-    for part in parts:
-        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        value ^= value >> 31
-    return value & 0x7FFFFFFFFFFFFFFF
-
-
-class ImageFiltered(ValueError):
-    """An image that decodes but that the training filters (`data.min_side`, `data.max_aspect_ratio`) leave out."""
-
-
-def unreadable_reason(error: BaseException) -> str:
-    """What is wrong with a file, in words a person acts on (PIL's own messages name a BytesIO object)."""
-    if isinstance(error, UnidentifiedImageError):
-        return "not an image file PIL can read (unknown format, or not an image at all)"
-    if isinstance(error, Image.DecompressionBombError):
-        return f"too many pixels to decode safely ({str(error).splitlines()[0]})"
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if "truncated" in text:
-        return f"truncated or damaged file ({text})"
-    return text
-
-
-def try_transform(
-    value: Any,
-    transform: ImageTransform,
-    generator: torch.Generator | None = None,
-    max_pixels: int | None = None,
-    size: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor | None, str | None]:
-    """Decode and transform one stored image (to `size`, a bucket, when given): (pixels, None), or (None, why it
-    is unreadable)."""
-    try:
-        image = transform.check(decode_image(value, max_pixels, transform.draft_size))
-        return transform(image, generator, size), None
-    except DECODE_ERRORS as error:
-        return None, unreadable_reason(error)
-
-
-def unreadable(value: Any, reason: str, row: int, shard: str | None = None, key: str | None = None) -> dict[str, str]:
-    """The record of a file left out that travels with a batch: its name and why. The name is its path, else its
-    key in its shard (WebDataset's `__url__` and `__key__`), else its row."""
-    name = describe(value)
-    if name == "<bytes>":
-        name = f"{shard}: {key}" if shard and key else f"row {row}"
-    return {"name": name, "reason": reason}
 
 
 SUBSTITUTE_LOOKAHEAD = 1000

@@ -26,10 +26,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vae_hf.config import Config
-from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
 from vae_hf.data import mixture
 from vae_hf.data.pipeline import training_loader
+from vae_hf.data.sources import is_local, local_builder
 from vae_hf.errors import UserError
 from vae_hf.models.diffaug import diff_augment
 from vae_hf.models.vae import build_vae
@@ -396,8 +396,8 @@ def data_kind(data) -> dict[str, Any]:
     or not, buckets or squares."""
 
     def source(dataset: str) -> str:
-        if image_datasets.is_local(dataset):
-            return image_datasets.local_builder(Path(dataset).expanduser())
+        if is_local(dataset):
+            return local_builder(Path(dataset).expanduser())
         return "hub"
 
     formats = [source(part.dataset) for part in mixture.sources(data)]

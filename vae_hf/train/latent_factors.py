@@ -30,7 +30,7 @@ from diffusers import AutoencoderKL
 
 from vae_hf.analysis.latent_stats import ImageBatches, LatentStatsError, latent_statistics
 from vae_hf.config import Config
-from vae_hf.data.datasets import load_image_dataset
+from vae_hf.data.sources import load_image_dataset
 from vae_hf.io.export import FACTORS_SOURCE_KEY
 
 logger = logging.getLogger(__name__)

@@ -32,6 +32,7 @@ from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
 from vae_hf.data.pipeline import training_loader
+from vae_hf.data.transforms import sample_seed
 from vae_hf.game import Alignment, Game, autocast
 from vae_hf.io.hub import require_push_access
 from vae_hf.models.backbone import load_backbone, require_backbone
@@ -441,9 +442,7 @@ class Trainer:
     def batch_transform(self, images: torch.Tensor) -> BatchTransform:
         """This micro-batch's spatial transform (EQ-VAE), drawn on the host from (seed, micro-batch, process) like
         the posterior noise, so a resumed run draws what it would have."""
-        seed = image_datasets.sample_seed(
-            self.config.seed, self.progress.micro_step, self.accelerator.process_index, TRANSFORM_STREAM
-        )
+        seed = sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index, TRANSFORM_STREAM)
         factor = self.vae_player.module.downsample_factor
         return self.game.draw_transform(random.Random(seed), (images.shape[-2] // factor, images.shape[-1] // factor))
 
@@ -452,14 +451,12 @@ class Trainer:
         posterior noise; None without it."""
         if not self.config.loss.disc_diffaug:
             return None
-        seed = image_datasets.sample_seed(
-            self.config.seed, self.progress.micro_step, self.accelerator.process_index, AUGMENT_STREAM
-        )
+        seed = sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index, AUGMENT_STREAM)
         return functools.partial(diff_augment, generator=torch.Generator(self.accelerator.device).manual_seed(seed))
 
     def _noise_generator(self) -> torch.Generator:
         """Posterior noise from (seed, micro-batch, process), so a resumed run draws what it would have."""
-        seed = image_datasets.sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index)
+        seed = sample_seed(self.config.seed, self.progress.micro_step, self.accelerator.process_index)
         return torch.Generator(self.accelerator.device).manual_seed(seed)
 
     def alignment(self, output) -> Alignment | None:
