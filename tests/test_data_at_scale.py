@@ -242,3 +242,15 @@ def test_loader_benchmark_reports_bucketed_sharded_and_mixed_data(shapes_folder,
         source, crops = shown.rsplit(", ", 1)
         assert loader["data"] == {"source": source, "streaming": False, "crops": crops, "resolution": 32}
         assert f"data loader ({shown} at 32 px)" in markdown(report)
+
+
+def test_the_speed_benchmark_times_the_first_stage_only(tmp_path):
+    """A stage change inside the timed steps would time a loader being rebuilt and two batch shapes: `vae-hf bench`
+    times the first stage's resolution, batch and accumulation, without stages."""
+    from vae_hf.perf.benchmark import _benchmark_config
+
+    stages = "[{until_step: 3, batch_size: 3, gradient_accumulation_steps: 2}, {until_step: 9, resolution: 64}]"
+    config = load_config(None, tiny_overrides(tmp_path, tmp_path / "run", **{"train.stages": stages}))
+    timed = _benchmark_config(config, tmp_path / "scratch", total_steps=8)
+    assert timed.train.stages == [] and timed.train.max_steps == 8
+    assert (timed.data.resolution, timed.train.batch_size, timed.train.gradient_accumulation_steps) == (32, 3, 2)

@@ -99,11 +99,12 @@ def benchmark(
     loader's rate), or the loader alone, and/or the memory section; returns the JSON-ready report."""
     require_a_measurement(speed, memory, loader)
     device = _default_device()
+    first = training_stages(config)[0]  # what is timed: the first stage (the whole run without train.stages)
     report: dict[str, Any] = {
         "device": _device_name(device),
         "config": {
-            "batch_size": config.train.batch_size,
-            "resolution": config.data.resolution,
+            "batch_size": first.batch_size,
+            "resolution": first.resolution,
             "mixed_precision": config.train.mixed_precision,
         },
         "versions": {"torch": torch.__version__},
@@ -113,7 +114,7 @@ def benchmark(
         with tempfile.TemporaryDirectory(prefix="vae-hf-bench-") as scratch:
             report.update(_speed(_benchmark_config(config, Path(scratch), steps + warmup), steps, warmup, peak_tflops))
     elif loader:
-        report["data_loader"] = loader_section(config, steps * config.train.gradient_accumulation_steps)
+        report["data_loader"] = loader_section(config, steps * first.gradient_accumulation_steps)
     if memory:
         report["memory"] = memory_section(config, device, memory_budget_gb)
     return report
@@ -250,9 +251,14 @@ def _default_device() -> torch.device:
 
 
 def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config:
-    """No trackers, samples, evaluation, checkpoints or latent measurements inside the timed steps."""
+    """No trackers, samples, evaluation, checkpoints or latent measurements inside the timed steps; with
+    `train.stages`, the first stage's resolution, batch and accumulation throughout (no stage change is timed)."""
+    first = training_stages(config)[0]
     train = replace(
         config.train,
+        stages=[],
+        batch_size=first.batch_size,
+        gradient_accumulation_steps=first.gradient_accumulation_steps,
         max_steps=total_steps,
         report_to="none",
         sample_every_steps=NEVER,
@@ -263,7 +269,7 @@ def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config
         resume_from=None,
         overwrite_output_dir=True,  # a scratch folder: each timed trainer (disc off, then on) starts over
     )
-    data = replace(config.data, validation_split=None, validation_fraction=0.0)
+    data = replace(config.data, resolution=first.resolution, validation_split=None, validation_fraction=0.0)
     # exports at epoch ends would measure the latents for their scaling_factor: a fixed factor measures nothing
     model = replace(config.model, scaling_factor=1.0, measure_shift_factor=False)
     return replace(config, output_dir=str(scratch), train=train, data=data, model=model)
