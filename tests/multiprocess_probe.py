@@ -136,8 +136,8 @@ def install_probe():
         short_rank, rows = (int(part) for part in short.split(":"))
         real_training_dataset = image_datasets.training_dataset
 
-        def training_dataset(config, seed, rank=0, world_size=1):
-            dataset = real_training_dataset(config, seed, rank, world_size)
+        def training_dataset(config, seed, rank=0, world_size=1, **options):
+            dataset = real_training_dataset(config, seed, rank, world_size, **options)
             return ShortStream(dataset, rows) if rank == short_rank else dataset
 
         image_datasets.training_dataset = training_dataset

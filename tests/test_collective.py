@@ -101,3 +101,32 @@ def test_two_processes_train_the_same_bucket_and_stage_at_every_step(tmp_path):
         area = 32 * 32 if step <= 2 else 48 * 48
         assert height * width <= area and (height * width > 0.8 * area)
     assert {(h, w) for _, h, w, *_ in first} != {(32, 32), (48, 48)}  # not only squares: buckets were used
+
+
+def test_a_bucketed_stream_of_unequal_shares_keeps_both_ranks_on_one_bucket(tmp_path):
+    """A bucketed stream in batches of 2, rank 1's share cut to 9 rows a pass while rank 0 has 12: before every
+    step the ranks agree on a bucket each can fill, so at every micro-batch both hold a batch of the same shape
+    (their own images), every epoch ends on the same step on both, and the run ends."""
+    images = tmp_path / "images"
+    for number, size in enumerate([(40, 48), (48, 80), (80, 40)]):
+        write_images(images / f"shape_{number}", 8, size=size, seed=number)
+    options = {
+        "data.buckets": "true",
+        "data.bucket_step": 8,
+        "data.streaming": "true",
+        "data.shuffle_buffer_size": 4,
+        "data.random_flip": "true",
+        "train.max_steps": 8,
+        "train.batch_size": 2,
+        "loss.disc_weight": 0,
+    }
+    result = launch(images, tmp_path / "run", {"PROBE_SHORT_STREAM": "1:9"}, **options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = probes(tmp_path / "run")
+    assert first["epoch_ends"] == second["epoch_ends"] != []
+    assert len(first["batches"]) == len(second["batches"]) == 8
+    shapes = set()
+    for mine, theirs in zip(first["batches"], second["batches"], strict=True):
+        assert mine[:4] == theirs[:4] and mine[4] != theirs[4]  # same step, bucket and batch; own images
+        shapes.add(tuple(mine[1:3]))
+    assert shapes <= {(40, 24), (32, 32), (24, 40)} and len(shapes) >= 2

@@ -184,7 +184,7 @@ class DataConfig:
     buckets: bool = False
     """Aspect-ratio buckets: instead of square crops, each training image is resized, keeping its aspect ratio, to
     the nearest of a list of (height, width) sizes of area about resolution², and cropped to it; every batch holds
-    one size, the same on every process at every step (map-style data only: not with data.streaming)."""
+    one size, the same on every process at every step (streams too: their rows wait in their buckets)."""
     bucket_sizes: List[List[int]] = field(default_factory=list)
     """The buckets as [height, width] pairs at data.resolution, each side a multiple of the VAE's downsampling factor
     (a train.stages stage at another resolution scales them); empty: made from data.resolution, data.bucket_step and
@@ -246,11 +246,6 @@ class DataConfig:
             "cannot split a stream; name a data.validation_split instead",
         )
         _require(self.shuffle_buffer_size >= 1, "data.shuffle_buffer_size", "must be >= 1")
-        _require(
-            not (self.buckets and self.streaming),
-            "data.buckets",
-            "needs map-style data (every image's size is read before training); set data.streaming=false",
-        )
         for size in self.bucket_sizes:
             _require(
                 len(size) == 2 and all(side >= 1 for side in size),

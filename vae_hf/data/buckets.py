@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from datasets import Dataset
 
 from vae_hf.data import DataError
@@ -173,3 +175,56 @@ def grouped_batches(
         for first in range(0, len(rows), batch_size):
             batches.append([(row, size) for row in rows[first : first + batch_size]])
     return batches[rank::world_size]
+
+
+class BucketBuffers:
+    """A stream's rows waiting for a batch of their bucket, on one process.
+
+    A stream's images arrive in no order of shape, so each process keeps the rows of each bucket until enough are
+    there; every optimizer step, the processes agree on a bucket that each can fill a whole step's window of
+    (`ready`, reduced to its minimum over processes), and each takes that window from its own rows (`take`). The
+    buffered rows are part of a checkpoint (`state`), so a resumed run trains what the uninterrupted one would."""
+
+    def __init__(self, num_buckets: int, batch_size: int, accumulation: int):
+        self.batch_size, self.accumulation = batch_size, accumulation
+        self.rows: list[deque] = [deque() for _ in range(num_buckets)]  # (pixels, unreadable records)
+
+    def add(self, batch: dict[str, list]) -> None:
+        """Rows as `collate_rows` gives them."""
+        for pixels, bucket, records in zip(batch["pixel_values"], batch["bucket"], batch["unreadable"], strict=True):
+            self.rows[bucket].append((pixels, records))
+
+    def ready(self) -> list[int]:
+        """Whole windows (`accumulation` batches of `batch_size`) each bucket holds."""
+        return [len(rows) // (self.batch_size * self.accumulation) for rows in self.rows]
+
+    def take(self, bucket: int) -> list[dict[str, Any]]:
+        """One window of `bucket`'s oldest rows, as `accumulation` batches like `collate` gives."""
+        window = []
+        for _ in range(self.accumulation):
+            rows = [self.rows[bucket].popleft() for _ in range(self.batch_size)]
+            records = [record for _, row_records in rows for record in row_records]
+            window.append({"pixel_values": torch.stack([pixels for pixels, _ in rows]), "unreadable": records})
+        return window
+
+    def clear(self) -> None:
+        for rows in self.rows:
+            rows.clear()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], list[list[list[dict[str, str]]]]]:
+        """The buffered pixels (one stacked tensor per non-empty bucket) and each row's records."""
+        tensors = {f"bucket_{b}": torch.stack([p for p, _ in rows]) for b, rows in enumerate(self.rows) if rows}
+        return tensors, [[records for _, records in rows] for rows in self.rows]
+
+    def load(self, tensors: dict[str, torch.Tensor], records: list[list[list[dict[str, str]]]]) -> None:
+        self.clear()
+        for bucket, bucket_records in enumerate(records):
+            pixels = tensors.get(f"bucket_{bucket}")
+            for row, row_records in enumerate(bucket_records):
+                self.rows[bucket].append((pixels[row], row_records))
+
+
+def choose_bucket(common_ready: Sequence[int]) -> int | None:
+    """The bucket every process fills most windows of (the lowest index among equals); None when none can."""
+    best = max(range(len(common_ready)), key=lambda bucket: (common_ready[bucket], -bucket))
+    return best if common_ready[best] > 0 else None

@@ -102,14 +102,21 @@ class ExampleProcessor:
     worker, position in the stream), so a resumed stream augments as the uninterrupted one; and a row that
     will not decode is replaced by the next readable row of the same map batch, its record kept. A map batch
     with no readable row at all is dropped (named in a warning): the trainer's agreement on the end of the
-    data keeps the processes in step when a stream comes out shorter.
+    data keeps the processes in step when a stream comes out shorter. With `buckets`, each row is cropped to its
+    own nearest aspect-ratio bucket, whose index it carries (`bucket`).
     """
 
     def __init__(
-        self, image_column: str, transform: ImageTransform, seed: int, rank: int = 0, max_pixels: int | None = None
+        self,
+        image_column: str,
+        transform: ImageTransform,
+        seed: int,
+        rank: int = 0,
+        max_pixels: int | None = None,
+        buckets: list[tuple[int, int]] | None = None,
     ):
         self.image_column, self.transform, self.seed, self.rank = image_column, transform, seed, rank
-        self.max_pixels = max_pixels
+        self.max_pixels, self.buckets = max_pixels, buckets
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
 
     def set_epoch(self, epoch: int) -> None:
@@ -132,16 +139,19 @@ class ExampleProcessor:
         if not readable:
             names = ", ".join(f"{describe(value)} ({reason})" for value, reason in zip(values, reasons, strict=True))
             logger.warning("dropping %d stream rows, none of which decodes: %s", len(values), names)
-            return {"pixel_values": [], "unreadable": []}
-        pixel_values, records = [], []
+            return {"pixel_values": [], "unreadable": [], **({"bucket": []} if self.buckets else {})}
+        pixel_values, records, buckets = [], [], []
         for position, index in enumerate(indices):
             source = next((p for p in readable if p >= position), readable[0])  # the next readable row
             generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, self.rank, worker, index))
-            pixel_values.append(self.transform(decoded[source], generator))
+            bucket = None if not self.buckets else nearest_bucket(*decoded[source].size, self.buckets)
+            size = None if bucket is None else self.buckets[bucket]
+            pixel_values.append(self.transform(decoded[source], generator, size))
+            buckets.append(bucket)
             reason = reasons[position]
             where = [examples[column][position] if column in examples else None for column in ("__url__", "__key__")]
             records.append([] if reason is None else [unreadable(values[position], reason, index, *where)])
-        return {"pixel_values": pixel_values, "unreadable": records}
+        return {"pixel_values": pixel_values, "unreadable": records, **({"bucket": buckets} if self.buckets else {})}
 
 
 class StreamingImageDataset(torch.utils.data.IterableDataset):
@@ -166,11 +176,12 @@ class StreamingImageDataset(torch.utils.data.IterableDataset):
 
 
 def training_dataset(
-    config: DataConfig, seed: int, rank: int = 0, world_size: int = 1
+    config: DataConfig, seed: int, rank: int = 0, world_size: int = 1, buckets: list[tuple[int, int]] | None = None
 ) -> ImageDataset | StreamingImageDataset:
     """The training split, transformed lazily to uint8 pixels (`to_model_range` scales them on the device);
     streaming data is shuffled in a buffer and split by rank. Unreadable samples are substituted (see
-    `ImageDataset`), so batches never shrink. A mixture is interleaved before the stream is shuffled and split."""
+    `ImageDataset`), so batches never shrink. A mixture is interleaved before the stream is shuffled and split.
+    A stream with `buckets` crops each row to its bucket (map-style data gets its bucket from the batch sampler)."""
     dataset = _training_rows(config, seed)
     transform = ImageTransform(
         config.resolution,
@@ -186,7 +197,7 @@ def training_dataset(
 
         dataset = dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer_size)
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        processor = ExampleProcessor(config.image_column, transform, seed, rank, config.max_image_pixels)
+        processor = ExampleProcessor(config.image_column, transform, seed, rank, config.max_image_pixels, buckets)
         stream = dataset.map(
             processor, batched=True, batch_size=STREAM_MAP_BATCH, with_indices=True, remove_columns=dataset.column_names
         )

@@ -27,21 +27,28 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"pixel_values": pixel_values, "num_skipped": len(rows) - len(images), "unreadable": records}
 
 
+def collate_rows(rows: list[dict[str, Any]]) -> dict[str, list]:
+    """A bucketed stream's rows as lists (their shapes differ): pixels, bucket index and records of each."""
+    return {key: [row[key] for row in rows] for key in ("pixel_values", "bucket", "unreadable")}
+
+
 def build_dataloader(
     dataset: Dataset | torch.utils.data.IterableDataset,
     config: DataConfig,
     batch_size: int,
     seed: int,
     pin_memory: bool = False,
+    rows: bool = False,
 ) -> DataLoader:
-    """Shuffled, seeded batches; a stream gets a StatefulDataLoader, whose position can be saved."""
+    """Shuffled, seeded batches; a stream gets a StatefulDataLoader, whose position can be saved. With `rows`
+    (a bucketed stream) a batch is a list of rows of different shapes (`collate_rows`)."""
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     loader = (StatefulDataLoader if streaming else DataLoader)(
         dataset,
         batch_size=batch_size,
         shuffle=not streaming,
         num_workers=config.num_workers,
-        collate_fn=collate,
+        collate_fn=collate_rows if rows else collate,
         drop_last=True,  # every batch full-sized, on every process: DDP and the discriminator see equal shapes
         pin_memory=pin_memory,
         persistent_workers=config.persistent_workers and config.num_workers > 0,

@@ -18,6 +18,8 @@ class TrainingLoader:
     shard_by_accelerate: bool
     """True for square map-style batches, which `accelerator.prepare` splits among the processes; a stream is
     split by `datasets` and a bucketed loader by its sampler, so neither is prepared."""
+    buckets: list[tuple[int, int]] | None = None
+    """A bucketed stream's buckets: its batches are rows of these shapes, for the trainer to group."""
 
 
 def training_loader(
@@ -30,6 +32,11 @@ def training_loader(
     downsample_factor: int = 8,
     pin_memory: bool = False,
 ) -> TrainingLoader:
+    if data.buckets and data.streaming:  # each row cropped to its bucket; the trainer groups them (BucketBuffers)
+        buckets = batching.bucket_list(data, downsample_factor)
+        dataset = image_datasets.training_dataset(data, seed, rank, world_size, buckets=buckets)
+        loader = batching.build_dataloader(dataset, data, batch_size, seed, pin_memory=pin_memory, rows=True)
+        return TrainingLoader(loader, shard_by_accelerate=False, buckets=buckets)
     dataset = image_datasets.training_dataset(data, seed, rank, world_size)
     if data.buckets:
         buckets = batching.bucket_list(data, downsample_factor)

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 SHAPE_FILE = "model_shape.json"
+PROCESS_TENSORS = "tensors"  # the key under which a process's own saved tensors come back from `load`
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # what must match for a checkpoint to load: the keys a fresh VAE is built from, and those a pretrained one brings
 SHAPE_KEYS = (
@@ -125,8 +126,10 @@ class Checkpointer:
         shape: dict[str, Any],
         process_state: dict[str, Any],
         tensors: dict[str, dict[str, torch.Tensor]] | None = None,
+        process_tensors: dict[str, torch.Tensor] | None = None,
     ) -> Path:
-        """Every process calls this (each saves its RNG and `process_state`); the main process publishes it."""
+        """Every process calls this (each saves its RNG, `process_state` and its own `process_tensors`, e.g. a
+        bucketed stream's buffered rows); the main process publishes it."""
         final = self.folder / f"checkpoint-{step}"
         staging = self.folder / f".checkpoint-{step}.staging"
         try:
@@ -136,6 +139,11 @@ class Checkpointer:
             self.accelerator.wait_for_everyone()
             self.accelerator.save_state(str(staging), safe_serialization=True)
             _write_json(staging / f"process_{self.accelerator.process_index}.json", process_state)
+            if process_tensors:
+                save_file(
+                    {key: value.detach().cpu().contiguous() for key, value in process_tensors.items()},
+                    staging / f"process_{self.accelerator.process_index}.safetensors",
+                )
             self.accelerator.wait_for_everyone()
             if self.accelerator.is_main_process:
                 for name, named_tensors in (tensors or {}).items():  # e.g. the EMA weights
@@ -196,8 +204,11 @@ class Checkpointer:
                 "resume with the accelerate launch config it was trained with"
             )
         self.accelerator.load_state(str(path))
-        own = path / f"process_{self.accelerator.process_index}.json"
-        return state, json.loads(own.read_text())
+        own = json.loads((path / f"process_{self.accelerator.process_index}.json").read_text())
+        tensors = path / f"process_{self.accelerator.process_index}.safetensors"
+        if tensors.is_file():
+            own[PROCESS_TENSORS] = load_file(tensors)
+        return state, own
 
 
 def checkpoint_layout(accelerator: Accelerator) -> str:
@@ -288,9 +299,10 @@ class RunCheckpoints:
         tensors = {} if ema is None else {"ema": ema.state_dict()[0]}
         for suffix, player in self._deepspeed_players().items():  # every process joins the gathers
             tensors[f"model{suffix}"], tensors[f"optimizer{suffix}"] = player.state_tensors()
-        process_state = {"stream": None if self.stream_position is None else self.stream_position()}
+        stream = None if self.stream_position is None else dict(self.stream_position())
+        own_tensors = None if stream is None else stream.pop(PROCESS_TENSORS, None)
         return self.checkpointer.save(
-            self.progress.global_step, self.state_dict(ema), self.model_shape, process_state, tensors
+            self.progress.global_step, self.state_dict(ema), self.model_shape, {"stream": stream}, tensors, own_tensors
         )
 
     def resume(self, resume_from: str, ema: EMA | None, vae) -> Resumed | None:
@@ -312,6 +324,8 @@ class RunCheckpoints:
         position = None
         if self.stream_position is not None and self.progress.batches_in_epoch > 0:
             position = process_state["stream"]
+            if PROCESS_TENSORS in process_state:  # a bucketed stream's buffered rows
+                position = {**position, PROCESS_TENSORS: process_state[PROCESS_TENSORS]}
         return Resumed(path, position, run.get("config"))
 
     def _present_players(self) -> dict[str, Player]:

@@ -33,6 +33,16 @@ class Consensus:
         agreed_stop, agreed_out = self.flags.tolist()
         return bool(agreed_stop), bool(agreed_out)
 
+    def agree_buckets(self, stop: bool, out_of_data: bool, ready: list[int]) -> tuple[bool, bool, list[int]]:
+        """`agree`, and for a bucketed stream the windows of each bucket that every process can fill (the minimum
+        of each process's `ready`), in the same single all-reduce."""
+        if self.num_processes == 1:
+            return stop, out_of_data, list(ready)
+        values = torch.tensor([int(stop), int(out_of_data), *(-count for count in ready)], dtype=torch.int64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)  # the max of -count is minus the min
+        agreed_stop, agreed_out, *negated = values.tolist()
+        return bool(agreed_stop), bool(agreed_out), [-count for count in negated]
+
     def union(self, keys: set[int]) -> set[int]:
         """The union of every process's `keys` (63-bit integers), on every process."""
         if self.num_processes == 1:

@@ -31,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
+from vae_hf.data.buckets import BucketBuffers, choose_bucket
 from vae_hf.data.pipeline import training_loader
 from vae_hf.data.transforms import sample_seed
 from vae_hf.game import Alignment, Game, autocast
@@ -51,7 +52,7 @@ from vae_hf.models.vae import (
 from vae_hf.parallel.deepspeed import DeepSpeedPlayer, engine_config, initialize_engine, require_deepspeed_if_launched
 from vae_hf.parallel.fsdp import ShardingUnits, gathered
 from vae_hf.train import run_folder
-from vae_hf.train.checkpoint import Checkpointer, RunCheckpoints, TrainingDiverged, model_shape
+from vae_hf.train.checkpoint import PROCESS_TENSORS, Checkpointer, RunCheckpoints, TrainingDiverged, model_shape
 from vae_hf.train.consensus import Consensus
 from vae_hf.train.ema import EMA
 from vae_hf.train.latent_factors import LatentFactors
@@ -257,6 +258,11 @@ class Trainer:
             pin_memory=accelerator.device.type == "cuda",
         )
         self.dataloader = accelerator.prepare(built.loader) if built.shard_by_accelerate else built.loader
+        self.bucket_buffers = (
+            None
+            if built.buckets is None
+            else BucketBuffers(len(built.buckets), stage.batch_size, stage.gradient_accumulation_steps)
+        )
 
     @property
     def bucketed(self) -> bool:
@@ -615,9 +621,16 @@ class Trainer:
         loader = self.dataloader
         loader.dataset.set_epoch(self.progress.epoch)  # a new shuffle and new augmentation each epoch
         if self.streaming:
-            if self._stream_position is not None:
-                loader.load_state_dict(self._stream_position)
-                self._stream_position = None
+            position, self._stream_position = self._stream_position, None
+            if self.bucket_buffers is not None:  # a new epoch starts with empty buckets, a resumed one with its own
+                self.bucket_buffers.clear()
+                if position is not None:
+                    self.bucket_buffers.load(position.get(PROCESS_TENSORS, {}), position["buffered"])
+                    position = position["loader"]
+            if position is not None:
+                loader.load_state_dict(position)
+            if self.bucket_buffers is not None:
+                return self._bucket_windows(loader)
             return self._stream_windows(loader)
         if self.bucketed:  # the sampler plans the epoch (same on every process) and skips what was trained
             loader.batch_sampler.set_epoch(self.progress.epoch)
@@ -644,8 +657,44 @@ class Trainer:
                 return
             yield from window
 
+    def _bucket_windows(self, loader):
+        """A bucketed stream's windows: this process's rows wait in their buckets (`BucketBuffers`); before each
+        optimizer step the processes agree, in one all-reduce, on a bucket that every one of them can fill a
+        window of, and each trains its own rows of it. A process reads on until it can fill some window; when
+        they can fill none in common, all read on; when one has no rows left and none is in common, the epoch
+        ends for all (the rows still waiting are dropped, as a last incomplete batch is)."""
+        buffers, batches = self.bucket_buffers, iter(loader)
+
+        def read() -> bool:
+            batch = next(batches, None)
+            if batch is not None:
+                buffers.add(batch)
+            return batch is not None
+
+        exhausted = False
+        while True:
+            while not exhausted and max(buffers.ready()) == 0:
+                exhausted = not read()
+            stop, out_of_data, common = self.consensus.agree_buckets(
+                self.stop_request.received is not None, exhausted, buffers.ready()
+            )
+            self.stop_request.agree(stop)
+            if stop:  # the rows read stay in the buckets, and are saved with them
+                return
+            bucket = choose_bucket(common)
+            if bucket is not None:
+                yield from buffers.take(bucket)
+            elif out_of_data:
+                return
+            else:
+                exhausted = not read()
+
     def _stream_checkpoint_position(self) -> dict:
-        """Where a resumed stream picks up: before a window fetched but not trained (a stop), else here."""
+        """Where a resumed stream picks up: before a window fetched but not trained (a stop), else here; a bucketed
+        stream's position is after the rows it read, which wait in its buckets (saved with it)."""
+        if self.bucket_buffers is not None:
+            tensors, buffered = self.bucket_buffers.state()
+            return {"loader": self.dataloader.state_dict(), "buffered": buffered, PROCESS_TENSORS: tensors}
         return self._untrained_window_position or self.dataloader.state_dict()
 
     def _note_unreadable(self, records: list[dict[str, str]]) -> None:
