@@ -2,19 +2,23 @@
 never asserted)."""
 
 import json
+from types import SimpleNamespace
 
 import torch
 
-from conftest import run_cli, tiny_overrides, write_images
+from conftest import tiny_overrides, write_images
 
 
-def test_bench_writes_its_report(tmp_path):
+def test_bench_writes_its_report(tmp_path, capsys):
+    from vae_hf.cli import main
+
     images = tmp_path / "images"
     write_images(images, 4)  # an epoch of 2 steps: its end falls inside the timed steps
     out = tmp_path / "bench.json"
     overrides = tiny_overrides(images, tmp_path / "unused", **{"train.max_steps": 1})
-    result = run_cli("bench", *overrides, "--steps", "3", "--warmup", "1", "--out", str(out))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["bench", *overrides, "--steps", "3", "--warmup", "1", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    result = SimpleNamespace(stdout=captured.out, stderr=captured.err)
     report = json.loads(out.read_text())
     # nothing said about the benchmark's own temporary runs (it used to print "VAE saved to <deleted folder>")
     assert "vae-hf-bench" not in result.stdout + result.stderr and "VAE saved" not in result.stdout

@@ -5,6 +5,7 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from vae_hf.analysis.evaluation import (
 )
 from vae_hf.cli import main
 
-from conftest import run_cli, tiny_vae, write_images
+from conftest import tiny_vae, write_images
 
 OFFLINE = "cannot reach github.com: offline for this test"
 
@@ -216,14 +217,13 @@ def two_models(tmp_path) -> list[str]:
     return folders
 
 
-def test_evaluate_command_writes_json_and_prints_one_table_row_per_model(two_models, image_folder, tmp_path):
+def test_evaluate_command_writes_json_and_prints_one_table_row_per_model(two_models, image_folder, tmp_path, capsys):
     out = tmp_path / "report" / "scores.json"
     models = [arg for folder in two_models for arg in ("--model", folder)]
     options = ["--resolution", "32", "--metrics", "psnr,ssim,lpips", "--perceptual-random", "--batch-size", "3"]
-    result = run_cli(
-        "evaluate", *models, "--data", str(image_folder), *options, "--num-workers", "0", "--out", str(out)
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    status = main(["evaluate", *models, "--data", str(image_folder), *options, "--num-workers", "0", "--out", str(out)])
+    assert status == 0
+    result = SimpleNamespace(stdout=capsys.readouterr().out)
     report = json.loads(out.read_text())
     assert [row["model"] for row in report["results"]] == two_models
     for row in report["results"]:

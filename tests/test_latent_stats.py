@@ -21,7 +21,6 @@ from vae_hf.cli.latent_stats import latent_stats_command
 from vae_hf.data.decode import decode_image
 from vae_hf.data.transforms import ImageTransform
 
-from conftest import run_cli
 from conftest import tiny_vae as conftest_tiny_vae
 
 RESOLUTION = 32
@@ -174,13 +173,14 @@ def test_write_finds_the_vae_of_a_pipeline_folder(tmp_path, vae_folder):
     assert config_to_write(str(pipeline)) == pipeline / "vae" / "config.json"
 
 
-def test_latent_stats_command_runs_and_writes_the_config(vae_folder, image_folder):
-    result = run_cli(
+def test_latent_stats_command_runs_and_writes_the_config(vae_folder, image_folder, capsys):
+    status = main([
         "latent-stats", "--model", str(vae_folder), "--data", str(image_folder),
         "--max-images", "6", "--batch-size", "4", "--write", "--shift",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "latents of 6 images" in result.stdout and "scaling_factor" in result.stdout
+    ])  # fmt: skip
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "latents of 6 images" in printed and "scaling_factor" in printed
     config = AutoencoderKL.from_pretrained(vae_folder).config
     assert config.scaling_factor != 0.18215 and config.shift_factor is not None
 

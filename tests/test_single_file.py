@@ -203,10 +203,8 @@ def test_missing_and_unexpected_keys_are_refused(tmp_path: Path):
 def test_export_command_writes_a_loadable_file(tmp_path: Path):
     tiny_vae().save_pretrained(tmp_path / "vae")
     out = tmp_path / "exported" / "vae.safetensors"
-    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "vae_hf", "export", "--model", str(tmp_path / "vae"), "--single-file", str(out)]
-    result = subprocess.run(command + ["--dtype", "fp16", "--prefix"], capture_output=True, text=True, env=environment)
-    assert result.returncode == 0, result.stderr
+    command = ["export", "--model", str(tmp_path / "vae"), "--single-file", str(out), "--dtype", "fp16", "--prefix"]
+    assert main(command) == 0
     assert out.is_file() and all(key.startswith(LDM_PREFIX) for key in file_shapes(out))
     assert load_vae(str(out)).config.block_out_channels == (32, 64)
 
