@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shlex
 import sys
@@ -44,6 +45,10 @@ def run_train(config_path: str | None, overrides: list[str]) -> int:
 
     trainer = Trainer(config)
     trainer.train()
-    if trainer.stop_signal is not None:  # saved and stopped early: not a finished run
-        return trainer.stop_request.exit_status
-    return 0
+    # saved and stopped early: not a finished run
+    status = 0 if trainer.stop_signal is None else trainer.stop_request.exit_status
+    # Free the models, optimizers and engines (and any collective's pending work they hold) while the interpreter is
+    # whole: freed during its shutdown instead, gloo's threads can abort the process after a finished run.
+    del trainer
+    gc.collect()
+    return status
