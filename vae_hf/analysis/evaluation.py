@@ -35,10 +35,10 @@ from torchmetrics.image import FrechetInceptionDistance, StructuralSimilarityInd
 from vae_hf.analysis.inference import AUTO_TILE_PIXELS, auto_tile_size, configure_tiling, downsampling_factor
 from vae_hf.analysis.samples import reconstruct
 from vae_hf.config import CHOICES, DataConfig
-from vae_hf.data.buckets import assign_buckets, bucket_sizes, default_bucket_step, grouped_batches, image_sizes
+from vae_hf.data.buckets import assign_buckets, grouped_batches, image_sizes
 from vae_hf.data.datasets import ImageDataset, require_a_usable_image
 from vae_hf.data.decode import DECODE_ERRORS
-from vae_hf.data.loader import collate
+from vae_hf.data.loader import bucket_list, collate
 from vae_hf.data.sources import load_image_dataset
 from vae_hf.data.transforms import ImageTransform
 from vae_hf.errors import UserError
@@ -357,7 +357,7 @@ def evaluate_models(request: EvaluationRequest, fid_features: nn.Module | None =
     if request.out is not None:
         require_writable(Path(request.out))
     vaes = [load_checked_vae(source, request.resolution) for source in request.models]  # before data: cheaper
-    factor = max(2 ** (len(vae.config.block_out_channels) - 1) for vae in vaes)
+    factor = max(downsampling_factor(vae) for vae in vaes)
     loader = image_loader(request, factor)
     upscaled = count_upscaled(loader.dataset.dataset, request.image_column, request.resolution, request.max_images)
     metrics = ReconstructionMetrics(request.metric_names, request.perceptual_pretrained, fid_features)
@@ -399,7 +399,7 @@ def image_loader(request: EvaluationRequest, factor: int = 8) -> DataLoader:
     images = ImageDataset(dataset, config.image_column, transform, seed=0, max_pixels=config.max_image_pixels)
     if not request.buckets:
         return DataLoader(images, batch_size=request.batch_size, num_workers=request.num_workers, collate_fn=collate)
-    buckets = bucket_sizes(request.resolution, default_bucket_step(request.resolution, factor), 2.0)
+    buckets = bucket_list(config, factor)  # the list data.buckets trains on, at its defaults
     rows = assign_buckets(image_sizes(dataset, config.image_column), buckets)
     batches = grouped_batches(rows, buckets, request.batch_size)
     return DataLoader(images, batch_sampler=batches, num_workers=request.num_workers, collate_fn=collate)

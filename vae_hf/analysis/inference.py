@@ -25,6 +25,7 @@ from vae_hf.data.decode import DECODE_ERRORS, decode_image
 from vae_hf.data.transforms import ImageTransform
 from vae_hf.errors import UserError
 from vae_hf.io.files import plain_permissions
+from vae_hf.models.vae import downsampling_factor
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,6 @@ AUTO_TILE_SIDE = 512
 
 class InferenceError(UserError, RuntimeError):
     """An input or output of reconstruct/interpolate cannot be used; the message says why in one line."""
-
-
-def downsampling_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent pixel: each encoder level after the first halves the resolution."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def default_resolution(vae: AutoencoderKL) -> int:

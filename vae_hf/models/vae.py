@@ -89,6 +89,11 @@ def freeze_encoder(vae: AutoencoderKL) -> None:
         vae.quant_conv.requires_grad_(False)
 
 
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent pixel: each encoder level after the first halves the resolution."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def decoder_last_layer(vae: AutoencoderKL) -> torch.Tensor:
     """The weight LDM's adaptive discriminator weight is measured on."""
     return vae.decoder.conv_out.weight
@@ -171,4 +176,4 @@ class VAETrainingModule(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsampling_factor(self.vae)

@@ -46,6 +46,7 @@ from vae_hf.models.vae import (
     VAETrainingModule,
     build_vae,
     decoder_last_layer,
+    downsampling_factor,
     encoder_fingerprint,
     encoder_last_layer,
 )
@@ -132,7 +133,7 @@ class Trainer:
         self._nonfinite = {"consecutive": zero.clone(), "skipped": zero.clone(), "disc_skipped": zero.clone()}
         vae = build_vae(config.model, config.data.resolution)
         self.stages = training_stages(config)
-        self._build_data(downsample_factor=2 ** (len(vae.config.block_out_channels) - 1))
+        self._build_data(downsample_factor=downsampling_factor(vae))
         self._build_models(vae)
         self.checkpointer = Checkpointer(
             self.accelerator, self.output_dir / "checkpoints", config.train.checkpoints_total_limit
