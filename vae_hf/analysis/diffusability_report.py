@@ -19,8 +19,10 @@ from vae_hf.analysis.evaluation import (
     RANDOM_TRUNK_LPIPS,
     EvaluationError,
     EvaluationRequest,
+    ImagesRequest,
     image_loader,
     load_checked_vae,
+    require_at_least,
     require_writable,
     to_unit_range,
     write_report,
@@ -35,17 +37,9 @@ PCA_IMAGES = 4
 
 
 @dataclass
-class DiffusabilityRequest:
+class DiffusabilityRequest(ImagesRequest):
     """What `vae-hf diffusability` was asked to do."""
 
-    models: list[str]
-    """Diffusers folders, Hub ids or single-file .safetensors, one row each."""
-    data: str
-    """A local image folder or a Hub dataset id."""
-    resolution: int = 256
-    """Side of the centre crops, in pixels."""
-    split: str = "train"
-    image_column: str = "image"
     max_images: int | None = 256
     """Use the first this many usable images (None: all; they are held in memory)."""
     probe_steps: int = 1000
@@ -56,43 +50,23 @@ class DiffusabilityRequest:
     fid_samples: int | None = None
     """Probe samples for FID (None: as many as held-out images; 0: no FID)."""
     seed: int = 0
-    batch_size: int = 8
-    num_workers: int = 2
-    perceptual_pretrained: bool = True
-    """Pretrained VGG trunk for LPIPS; false: random trunk (offline tests only)."""
-    out: str | None = None
     plots: str | None = None
 
     def __post_init__(self) -> None:
-        for flag, value, least in (
-            ("--resolution", self.resolution, 1),
+        super().__post_init__()
+        require_at_least(
             ("--max-images", self.max_images, 2),
             ("--probe-steps", self.probe_steps, 0),
             ("--probe-width", self.probe_width, 4),
             ("--probe-batch-size", self.probe_batch_size, 1),
             ("--fid-samples", self.fid_samples, 0),
-            ("--batch-size", self.batch_size, 1),
-            ("--num-workers", self.num_workers, 0),
-        ):
-            if value is not None and value < least:
-                raise EvaluationError(f"{flag}: must be >= {least}, got {value}")
+        )
 
 
 def read_images(request: DiffusabilityRequest) -> list[torch.Tensor]:
     """The first `max_images` usable centre crops, as batches in [-1, 1] held in memory: every model and every
     measure sees the same images."""
-    loader = image_loader(
-        EvaluationRequest(
-            models=request.models,
-            data=request.data,
-            resolution=request.resolution,
-            split=request.split,
-            image_column=request.image_column,
-            metrics="psnr",
-            batch_size=request.batch_size,
-            num_workers=request.num_workers,
-        )
-    )
+    loader = image_loader(EvaluationRequest(**request.shared_fields(), metrics="psnr"))
     batches, seen = [], 0
     for batch in loader:
         images = batch["pixel_values"]

@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -302,8 +302,9 @@ def _weights_only_loads() -> Iterator[None]:
 
 
 @dataclass
-class EvaluationRequest:
-    """What `vae-hf evaluate` was asked to do."""
+class ImagesRequest:
+    """What the commands that score several models on the same images were asked: the fields `vae-hf evaluate` and
+    `vae-hf diffusability` share."""
 
     models: list[str]
     """Diffusers folders, Hub ids or single-file .safetensors, one result row each."""
@@ -312,13 +313,9 @@ class EvaluationRequest:
     resolution: int = 256
     """Side of the centre crops, in pixels; a multiple of every VAE's downsampling factor."""
     split: str = "train"
-    """Dataset split to evaluate on."""
+    """Dataset split to read."""
     image_column: str = "image"
     """Column holding the images."""
-    max_images: int | None = None
-    """Stop after this many usable images (None: the whole split)."""
-    metrics: str = ",".join(METRIC_NAMES)
-    """Comma-separated metric names."""
     batch_size: int = 8
     """Images per forward pass."""
     num_workers: int = 2
@@ -327,20 +324,42 @@ class EvaluationRequest:
     """Pretrained VGG trunk for LPIPS; false: random trunk, no download (offline tests only)."""
     out: str | None = None
     """JSON file to write the results to."""
+
+    def __post_init__(self) -> None:
+        require_at_least(
+            ("--resolution", self.resolution, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--num-workers", self.num_workers, 0),
+        )
+
+    def shared_fields(self) -> dict[str, Any]:
+        """This request's `ImagesRequest` fields, to make another request of the same images."""
+        return {field.name: getattr(self, field.name) for field in fields(ImagesRequest)}
+
+
+def require_at_least(*checks: tuple[str, int | None, int]) -> None:
+    """Refuse, in one line naming the flag, the first (flag, value, least) whose value is set and under least."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            raise EvaluationError(f"{flag}: must be >= {least}, got {value}")
+
+
+@dataclass
+class EvaluationRequest(ImagesRequest):
+    """What `vae-hf evaluate` was asked to do."""
+
+    max_images: int | None = None
+    """Stop after this many usable images (None: the whole split)."""
+    metrics: str = ",".join(METRIC_NAMES)
+    """Comma-separated metric names."""
     buckets: bool = False
     """Score each image at its own aspect ratio: resized to cover, and cropped to, the nearest aspect-ratio bucket of
     area about resolution² (the buckets `data.buckets` trains on, with the defaults), instead of the square crop."""
 
     def __post_init__(self) -> None:
         parse_metric_names(self.metrics)  # refuse unknown names before anything is loaded
-        for flag, value, least in (
-            ("--resolution", self.resolution, 1),
-            ("--batch-size", self.batch_size, 1),
-            ("--max-images", self.max_images, 1),
-            ("--num-workers", self.num_workers, 0),
-        ):
-            if value is not None and value < least:
-                raise EvaluationError(f"{flag}: must be >= {least}, got {value}")
+        super().__post_init__()
+        require_at_least(("--max-images", self.max_images, 1))
 
     @property
     def metric_names(self) -> tuple[str, ...]:

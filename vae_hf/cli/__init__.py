@@ -159,6 +159,21 @@ def _add_models_and_images(parser: argparse.ArgumentParser, repeat_help: str) ->
     parser.add_argument("--resolution", type=int, default=256, help="centre-crop size (a multiple of the VAE's f)")
 
 
+def _shared_request_fields(args: argparse.Namespace) -> dict:
+    """What `_add_models_and_images` and `_add_batching_and_output` parsed, as an `ImagesRequest`'s fields."""
+    return {
+        "models": args.models,
+        "data": args.data,
+        "resolution": args.resolution,
+        "split": args.split,
+        "image_column": args.image_column,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "perceptual_pretrained": not args.perceptual_random,
+        "out": args.out,
+    }
+
+
 def _add_batching_and_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--num-workers", type=int, default=2, help="image decoding processes (0: none)")
@@ -178,18 +193,7 @@ def _add_evaluate(commands) -> None:
     parser.set_defaults(
         run=lambda args: _command("evaluate", "run_evaluation")(
             _command("evaluate", "EvaluationRequest")(
-                models=args.models,
-                data=args.data,
-                resolution=args.resolution,
-                split=args.split,
-                image_column=args.image_column,
-                max_images=args.max_images,
-                metrics=args.metrics,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                perceptual_pretrained=not args.perceptual_random,
-                out=args.out,
-                buckets=args.buckets,
+                **_shared_request_fields(args), max_images=args.max_images, metrics=args.metrics, buckets=args.buckets
             )
         )
     )
@@ -215,21 +219,13 @@ def _add_diffusability(commands) -> None:
     parser.set_defaults(
         run=lambda args: _command("diffusability", "diffusability_command")(
             _command("diffusability", "DiffusabilityRequest")(
-                models=args.models,
-                data=args.data,
-                split=args.split,
-                image_column=args.image_column,
-                resolution=args.resolution,
+                **_shared_request_fields(args),
                 max_images=args.max_images,
                 probe_steps=args.probe_steps,
                 probe_width=args.probe_width,
                 probe_batch_size=args.probe_batch_size,
                 fid_samples=args.fid_samples,
                 seed=args.seed,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                perceptual_pretrained=not args.perceptual_random,
-                out=args.out,
                 plots=args.plots,
             )
         )
