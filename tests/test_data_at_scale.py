@@ -19,6 +19,7 @@ from vae_hf.config import ConfigError, DataConfig, load_config
 from vae_hf.data import DataError
 from vae_hf.data.buckets import BucketBatchSampler, bucket_sizes, default_bucket_step, nearest_bucket
 from vae_hf.data.loader import bucket_list
+from vae_hf.data.pipeline import stage_data
 from vae_hf.perf.benchmark import benchmark, markdown
 from vae_hf.train.trainer import Trainer
 
@@ -59,6 +60,16 @@ def test_a_listed_bucket_set_scales_with_a_stage_and_must_fit_the_factor():
     assert bucket_list(data, 8, resolution=384) == [(288, 480), (384, 384), (480, 288)]
     with pytest.raises(DataError, match="bucket 192x320 is not a multiple of the VAE's downsampling factor 128"):
         bucket_list(data, 128)  # a pretrained VAE's factor is known only once it is loaded
+
+
+def test_a_stage_at_another_resolution_trains_on_the_listed_buckets_scaled(shapes_folder, tmp_path):
+    """`data.bucket_sizes` are listed at data.resolution: the trainer's 48 px stage takes them scaled by 1.5."""
+    listed = {"data.buckets": "true", "data.bucket_sizes": "[[24, 40], [32, 32], [40, 24]]"}
+    trainer = build(shapes_folder, tmp_path / "run", **listed, **{"train.stages": STAGES, "train.max_steps": "null"})
+    assert trainer.dataloader.batch_sampler.buckets == [(24, 40), (32, 32), (40, 24)]
+    trainer._enter_stage(trainer.stages[1])
+    assert trainer.dataloader.batch_sampler.buckets == [(36, 60), (48, 48), (60, 36)]
+    assert stage_data(trainer.config.data, 32, 2) is trainer.config.data  # the run's own resolution: as configured
 
 
 def test_every_image_keeps_its_aspect_ratio_within_the_bucket_lists_step():

@@ -3,7 +3,7 @@ Hub, stream), then square batches sharded by Accelerate, or aspect-ratio buckets
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch.utils.data import DataLoader
 
@@ -20,6 +20,15 @@ class TrainingLoader:
     split by `datasets` and a bucketed loader by its sampler, so neither is prepared."""
     buckets: list[tuple[int, int]] | None = None
     """A bucketed stream's buckets: its batches are rows of these shapes, for the trainer to group."""
+
+
+def stage_data(data: DataConfig, resolution: int, factor: int) -> DataConfig:
+    """The data settings of a stage at `resolution` (`train.stages`): its crop size, and the listed
+    `data.bucket_sizes` scaled to it (generated buckets follow the resolution by themselves)."""
+    if resolution == data.resolution:
+        return data
+    sizes = [list(size) for size in batching.bucket_list(data, factor, resolution)] if data.bucket_sizes else []
+    return replace(data, resolution=resolution, bucket_sizes=sizes)
 
 
 def training_loader(

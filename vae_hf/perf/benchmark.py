@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from vae_hf.config import Config
 from vae_hf.data import loader as batching
 from vae_hf.data import mixture
-from vae_hf.data.pipeline import training_loader
+from vae_hf.data.pipeline import stage_data, training_loader
 from vae_hf.data.sources import is_local, local_builder
 from vae_hf.errors import UserError
 from vae_hf.models.diffaug import diff_augment
@@ -269,7 +269,8 @@ def _benchmark_config(config: Config, scratch: Path, total_steps: int) -> Config
         resume_from=None,
         overwrite_output_dir=True,  # a scratch folder: each timed trainer (disc off, then on) starts over
     )
-    data = replace(config.data, resolution=first.resolution, validation_split=None, validation_fraction=0.0)
+    data = stage_data(config.data, first.resolution, config.model.downsample_factor)
+    data = replace(data, validation_split=None, validation_fraction=0.0)
     # exports at epoch ends would measure the latents for their scaling_factor: a fixed factor measures nothing
     model = replace(config.model, scaling_factor=1.0, measure_shift_factor=False)
     return replace(config, output_dir=str(scratch), train=train, data=data, model=model)
@@ -384,7 +385,7 @@ def loader_section(config: Config, batches: int) -> dict[str, float]:
     """The training data loader as the trainer builds it for its first stage (one process), without the trainer
     (no model is built): square crops or aspect-ratio buckets, from an image folder, shards, the Hub or a stream."""
     stage = training_stages(config)[0]
-    data = replace(config.data, resolution=stage.resolution)
+    data = stage_data(config.data, stage.resolution, config.model.downsample_factor)
     built = training_loader(
         data,
         config.seed,

@@ -17,7 +17,6 @@ import logging
 import math
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from vae_hf.config import Config, ConfigError, flat_hparams, to_dict
 from vae_hf.data import datasets as image_datasets
 from vae_hf.data import loader as batching
 from vae_hf.data.buckets import BucketBuffers, choose_bucket
-from vae_hf.data.pipeline import training_loader
+from vae_hf.data.pipeline import stage_data, training_loader
 from vae_hf.data.transforms import sample_seed
 from vae_hf.game import Alignment, Game, autocast
 from vae_hf.io.hub import require_push_access
@@ -249,7 +248,7 @@ class Trainer:
         """The training loader of the current stage: its resolution and batch size, buckets when asked."""
         config, accelerator, stage = self.config, self.accelerator, self.stage
         built = training_loader(
-            replace(config.data, resolution=stage.resolution),
+            stage_data(config.data, stage.resolution, self.downsample_factor),
             config.seed,
             stage.batch_size,
             accelerator.process_index,
